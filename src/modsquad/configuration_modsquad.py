@@ -1,0 +1,367 @@
+"""Configuration of the Mod-Squad multi-task mixture-of-experts vision transformer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+TASK_TYPES = (
+    "image-classification",
+    "semantic-segmentation",
+    "object-detection",
+    "depth-estimation",
+)
+CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
+MOE_LAYER_PRESETS = ("all", "every_other")
+# Task types whose head predicts one of `num_labels` classes.
+LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
+
+
+def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
+    """Checks one task entry and returns it in canonical form (int-keyed `id2label`, derived fields filled)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"tasks[{position}] must be a dict with at least 'name' and 'type', got {entry!r}")
+    task = dict(entry)
+    name = task.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(
+            f"tasks[{position}]['name'] must be a Python identifier (it names modules and weights), got {name!r}"
+        )
+    task_type = task.get("type")
+    if task_type not in TASK_TYPES:
+        raise ValueError(
+            f"tasks[{position}]['type'] is {task_type!r}; accepted task types are {list(TASK_TYPES)}"
+        )
+
+    if task_type in LABELLED_TASK_TYPES:
+        id2label = task.get("id2label")
+        labels = task.pop("labels", None)
+        if id2label is None and labels is not None:
+            id2label = dict(enumerate(labels))
+        if id2label is None:
+            num_labels = task.get("num_labels")
+            if not isinstance(num_labels, int) or num_labels < 1:
+                raise ValueError(
+                    f"task {name!r} ({task_type}) needs 'num_labels' (a positive int), 'labels' or 'id2label'; "
+                    f"got num_labels={num_labels!r}"
+                )
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(
+                f"task {name!r}: id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}"
+            )
+        if "num_labels" in task and task["num_labels"] != len(id2label):
+            raise ValueError(
+                f"task {name!r}: num_labels={task['num_labels']} disagrees with {len(id2label)} labels in id2label"
+            )
+        task["id2label"] = id2label
+        task["label2id"] = {label: i for i, label in id2label.items()}
+        task["num_labels"] = len(id2label)
+
+    if task_type == "image-classification":
+        problem_type = task.setdefault("problem_type", "single_label_classification")
+        if problem_type not in CLASSIFICATION_PROBLEM_TYPES:
+            raise ValueError(
+                f"task {name!r}: problem_type={problem_type!r}; accepted: {list(CLASSIFICATION_PROBLEM_TYPES)}"
+            )
+    if task_type == "semantic-segmentation":
+        ignore_index = task.setdefault("ignore_index", 255)
+        if not isinstance(ignore_index, int):
+            raise ValueError(f"task {name!r}: ignore_index must be an int, got {ignore_index!r}")
+    return task
+
+
+class ModSquadConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ModSquadModel`]: a ViT whose MLP (and optionally attention) blocks are mixtures of experts,
+    told its task by a learned task token and one router per task.
+
+    Args:
+        tasks (`list[dict]`, *optional*):
+            One entry per task, in task-id order. Keys: `name` (identifier), `type` (one of
+            `"image-classification"`, `"semantic-segmentation"`, `"object-detection"`, `"depth-estimation"`), and for
+            labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
+            (`"single_label_classification"` or `"multi_label_classification"`); segmentation `ignore_index`
+            (default 255). Defaults to one 1000-class classification task named `"cls"`.
+        hidden_size (`int`, *optional*, defaults to 384): Width of the token embeddings.
+        num_hidden_layers (`int`, *optional*, defaults to 12): Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to 6): Attention heads per block.
+        intermediate_size (`int`, *optional*): Width of the dense MLP of non-MoE blocks. Defaults to
+            `num_experts_per_tok * expert_intermediate_size`, the active width of an MoE block.
+        image_size (`int` or `list[int]`, *optional*, defaults to 224): Size the position embeddings are made for.
+        patch_size (`int`, *optional*, defaults to 16): Side of the square patches.
+        num_channels (`int`, *optional*, defaults to 3): Input channels.
+        qkv_bias (`bool`, *optional*, defaults to `True`): Bias on query, key and value projections.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`): Activation of MLPs and experts.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0): Dropout after MLPs and attention output.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0): Dropout on attention probabilities.
+        drop_path_rate (`float`, *optional*, defaults to 0.0): Stochastic depth, increasing linearly to this value.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon.
+        initializer_range (`float`, *optional*, defaults to 0.02): Std of the truncated normal initialiser.
+        num_experts (`int` or `list[int]`, *optional*, defaults to 16): MLP experts per MoE block; a list gives one
+            count per MoE block (pruned models).
+        num_experts_per_tok (`int`, *optional*, defaults to 4): Experts each token is routed to (top-k).
+        expert_intermediate_size (`int`, *optional*, defaults to 384): Hidden width of one MLP expert.
+        moe_layers (`str` or `list[int]`, *optional*, defaults to `"every_other"`): Which blocks are MoE: `"all"`,
+            `"every_other"` (blocks 1, 3, 5, ...) or a list of block indices.
+        moe_attention (`bool`, *optional*, defaults to `False`): Make the attention of MoE blocks a mixture of
+            attention experts (own query and output projections, shared key and value).
+        attention_num_experts (`int` or `list[int]`, *optional*): Attention experts per MoE block; defaults to
+            `num_experts`.
+        attention_experts_per_tok (`int`, *optional*): Attention experts per token; defaults to `num_experts_per_tok`.
+        attention_expert_heads (`int`, *optional*): Heads of one attention expert; defaults to
+            `num_attention_heads // attention_experts_per_tok` so that the active width matches a dense block.
+        norm_topk_prob (`bool`, *optional*, defaults to `True`): Renormalise the top-k probabilities to sum to one.
+        router_jitter_noise (`float`, *optional*, defaults to 0.0): Multiplicative uniform jitter on router inputs
+            while training.
+        router_noise_std (`float`, *optional*, defaults to 0.0): Std of Gaussian noise added to router logits while
+            training (noisy top-k gating).
+        mi_loss_coef (`float`, *optional*, defaults to 0.01): Weight of the task-expert mutual-information loss.
+        balance_loss_coef (`float`, *optional*, defaults to 0.0): Weight of the Switch-style load-balancing loss.
+        z_loss_coef (`float`, *optional*, defaults to 0.001): Weight of the router z-loss.
+        feature_layers (`list[int]`, *optional*): Blocks whose outputs dense heads read; defaults to four evenly
+            spaced blocks ending with the last.
+
+    Example:
+
+    ```python
+    >>> from modsquad import ModSquadConfig, ModSquadModel
+    >>> config = ModSquadConfig(
+    ...     tasks=[{"name": "cls", "type": "image-classification", "labels": ["cat", "dog"]},
+    ...            {"name": "seg", "type": "semantic-segmentation", "num_labels": 21}],
+    ...     hidden_size=192, num_hidden_layers=6, num_attention_heads=3, num_experts=8, num_experts_per_tok=2,
+    ... )
+    >>> model = ModSquadModel(config)
+    ```"""
+
+    model_type = "modsquad"
+
+    tasks: list | None = None
+    hidden_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    intermediate_size: int | None = None
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    num_experts: int | list[int] = 16
+    num_experts_per_tok: int = 4
+    expert_intermediate_size: int = 384
+    moe_layers: str | list[int] = "every_other"
+    moe_attention: bool = False
+    attention_num_experts: int | list[int] | None = None
+    attention_experts_per_tok: int | None = None
+    attention_expert_heads: int | None = None
+    norm_topk_prob: bool = True
+    router_jitter_noise: float = 0.0
+    router_noise_std: float = 0.0
+    mi_loss_coef: float = 0.01
+    balance_loss_coef: float = 0.0
+    z_loss_coef: float = 0.001
+    feature_layers: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.tasks is None:
+            self.tasks = [{"name": "cls", "type": "image-classification", "num_labels": 1000}]
+        self._validate_shape()
+        self._validate_tasks()
+        self._validate_moe()
+        if self.intermediate_size is None:
+            self.intermediate_size = self.num_experts_per_tok * self.expert_intermediate_size
+        if self.feature_layers is None:
+            step = self.num_hidden_layers / 4
+            self.feature_layers = sorted({max(0, round(step * (i + 1)) - 1) for i in range(4)})
+        elif any(not 0 <= i < self.num_hidden_layers for i in self.feature_layers):
+            raise ValueError(
+                f"feature_layers={self.feature_layers} must index blocks 0..{self.num_hidden_layers - 1}"
+            )
+        # A config with a single labelled task exposes its labels at the top level, where pipelines read them.
+        labelled = [t for t in self.tasks if "id2label" in t]
+        if len(labelled) == 1 and self.id2label is None and "num_labels" not in kwargs:
+            self.id2label = dict(labelled[0]["id2label"])
+            self.label2id = dict(labelled[0]["label2id"])
+        if len(labelled) == 1 and labelled[0]["type"] == "image-classification" and self.problem_type is None:
+            self.problem_type = labelled[0]["problem_type"]
+        super().__post_init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def _validate_shape(self) -> None:
+        positive = {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "expert_intermediate_size": self.expert_intermediate_size,
+        }
+        for field, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+                f"accepted head counts divide {self.hidden_size}"
+            )
+        height, width = self.image_size_hw
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
+                "the position embeddings need a whole number of patches"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for field in (
+            "mi_loss_coef",
+            "balance_loss_coef",
+            "z_loss_coef",
+            "router_jitter_noise",
+            "router_noise_std",
+        ):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+
+    def _validate_tasks(self) -> None:
+        if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty list of task dicts, got {self.tasks!r}")
+        self.tasks = [_normalise_task(entry, i) for i, entry in enumerate(self.tasks)]
+        names = [t["name"] for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tasks has duplicate names {duplicates}; every task needs its own name")
+
+    def _validate_moe(self) -> None:
+        layers = self.moe_layer_indices  # validates moe_layers
+        self.num_experts = self._per_layer_counts("num_experts", self.num_experts, len(layers))
+        if self.num_experts_per_tok > min(self.experts_per_layer or [self.num_experts_per_tok]):
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}; "
+                "top-k must be at most the number of experts"
+            )
+        if not self.moe_attention:
+            return
+        if self.attention_experts_per_tok is None:
+            self.attention_experts_per_tok = self.num_experts_per_tok
+        if self.attention_num_experts is None:
+            self.attention_num_experts = self.num_experts
+        self.attention_num_experts = self._per_layer_counts(
+            "attention_num_experts", self.attention_num_experts, len(layers)
+        )
+        if self.attention_experts_per_tok > min(self.attention_experts_per_layer or [1]):
+            raise ValueError(
+                f"attention_experts_per_tok={self.attention_experts_per_tok} exceeds "
+                f"attention_num_experts={self.attention_num_experts}"
+            )
+        if self.attention_expert_heads is None:
+            if self.num_attention_heads % self.attention_experts_per_tok:
+                raise ValueError(
+                    f"num_attention_heads={self.num_attention_heads} is not divisible by attention_experts_per_tok="
+                    f"{self.attention_experts_per_tok}; set attention_expert_heads explicitly"
+                )
+            self.attention_expert_heads = self.num_attention_heads // self.attention_experts_per_tok
+
+    @staticmethod
+    def _per_layer_counts(field: str, value: Any, num_moe_layers: int) -> int | list[int]:
+        counts = value if isinstance(value, (list, tuple)) else [value]
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
+            raise ValueError(f"{field} must be a positive int or a list of them, got {value!r}")
+        if isinstance(value, (list, tuple)):
+            if len(value) != num_moe_layers:
+                raise ValueError(
+                    f"{field} has {len(value)} entries but there are {num_moe_layers} MoE blocks; "
+                    "give one count per MoE block or a single int"
+                )
+            return list(value)
+        return value
+
+    # -------------------------------------------------------------------------------------------------- derived
+    @property
+    def image_size_hw(self) -> tuple[int, int]:
+        size = self.image_size
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+        raise ValueError(f"image_size must be an int or [height, width], got {size!r}")
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the blocks whose MLP is a mixture of experts."""
+        layers = self.moe_layers
+        if layers == "all":
+            return list(range(self.num_hidden_layers))
+        if layers == "every_other":
+            return list(range(1, self.num_hidden_layers, 2))
+        if isinstance(layers, (list, tuple)):
+            if any(not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in layers) or len(
+                set(layers)
+            ) != len(layers):
+                raise ValueError(
+                    f"moe_layers={layers} must list distinct block indices in 0..{self.num_hidden_layers - 1}"
+                )
+            return sorted(layers)
+        raise ValueError(
+            f"moe_layers={layers!r}; accepted: {list(MOE_LAYER_PRESETS)} or a list of block indices"
+        )
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        """Number of MLP experts of each MoE block, in block order."""
+        n = len(self.moe_layer_indices)
+        return list(self.num_experts) if isinstance(self.num_experts, list) else [self.num_experts] * n
+
+    @property
+    def attention_experts_per_layer(self) -> list[int]:
+        """Number of attention experts of each MoE block (empty without `moe_attention`)."""
+        if not self.moe_attention:
+            return []
+        n = len(self.moe_layer_indices)
+        counts = self.attention_num_experts
+        return list(counts) if isinstance(counts, list) else [counts] * n
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    def task_index(self, task: str | int) -> int:
+        """Returns the id of `task` (a name or an id), raising a ValueError that lists the model's tasks."""
+        if isinstance(task, bool):
+            raise ValueError(f"task must be a task name or id, got {task!r}")
+        if isinstance(task, int):
+            if 0 <= task < self.num_tasks:
+                return task
+        elif isinstance(task, str) and task in self.task_names:
+            return self.task_names.index(task)
+        raise ValueError(f"unknown task {task!r}; this model's tasks are {self.task_names}")
+
+    def get_task(self, task: str | int) -> dict[str, Any]:
+        """The task entry for a name or id."""
+        return self.tasks[self.task_index(task)]
+
+    def tasks_of_type(self, task_type: str) -> list[str]:
+        return [t["name"] for t in self.tasks if t["type"] == task_type]
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # JSON keys are strings; keep them that way explicitly so a round trip is stable.
+        output["tasks"] = [
+            {**t, "id2label": {str(k): v for k, v in t["id2label"].items()}} if "id2label" in t else dict(t)
+            for t in self.tasks
+        ]
+        return output
+
+
+__all__ = ["TASK_TYPES", "ModSquadConfig"]
