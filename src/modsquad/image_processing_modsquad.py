@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+from .processing_dense import prepare_depth_labels, prepare_segmentation_labels
+from .processing_detection import prepare_detection_labels
 
 # PIL modes that convert to RGB without losing meaning; 16/32-bit and float modes are depth or label maps.
 SUPPORTED_PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1")
@@ -19,6 +23,11 @@ class ModSquadImageProcessor(PilBackend):
     Accepts PIL images, NumPy arrays and torch tensors (`HxW`, `HxWxC` or `CxHxW` with 1, 3 or 4 channels), alone
     or in a list. Anything else (a path, a 2-channel array, a 16-bit depth image, ...) raises a `ValueError` naming
     what was received.
+
+    Targets of one task can be passed with the images and come back as `labels` (one batch = one task):
+    `annotations` (COCO detection format, boxes in original pixels) become DETR-style dicts with `class_labels` and
+    normalised `(cx, cy, w, h)` `boxes`; `segmentation_maps` are resized with nearest neighbours (the ignore index
+    survives) to int64 `(H, W)`; `depth_maps` (0 = invalid) are resized with nearest neighbours to float32 `(H, W)`.
 
     Args:
         size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`): output size.
@@ -34,6 +43,51 @@ class ModSquadImageProcessor(PilBackend):
     do_normalize = True
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
+
+    def preprocess(
+        self, images, annotations=None, segmentation_maps=None, depth_maps=None, **kwargs
+    ) -> BatchFeature:
+        """Images (and optionally one task's targets) -> `pixel_values` (and `labels`)."""
+        targets = {
+            "annotations": annotations,
+            "segmentation_maps": segmentation_maps,
+            "depth_maps": depth_maps,
+        }
+        given = [name for name, value in targets.items() if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"one batch holds one task's targets; got {given} together")
+        return super().preprocess(images, annotations, segmentation_maps, depth_maps, **kwargs)
+
+    def _preprocess_image_like_inputs(
+        self,
+        images,
+        annotations,
+        segmentation_maps,
+        depth_maps,
+        do_convert_rgb: bool,
+        input_data_format,
+        return_tensors,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._prepare_image_like_inputs(
+            images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format
+        )
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        pixel_values = self._preprocess(images, return_tensors=None, **kwargs)["pixel_values"]
+        data = {"pixel_values": pixel_values}
+        height, width = pixel_values[0].shape[-2:]
+        dense_targets = segmentation_maps is not None or depth_maps is not None
+        if dense_targets and len({tuple(p.shape[-2:]) for p in pixel_values}) > 1:
+            raise ValueError("dense targets need images of one size: set do_resize=True with a fixed size")
+        skip = None
+        if annotations is not None:
+            data["labels"] = prepare_detection_labels(annotations, original_sizes)
+            skip = ["labels"]  # a list of per-image dicts, as detection models take it
+        elif segmentation_maps is not None:
+            data["labels"] = prepare_segmentation_labels(segmentation_maps, original_sizes, height, width)
+        elif depth_maps is not None:
+            data["labels"] = prepare_depth_labels(depth_maps, original_sizes, height, width)
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         check_image(image)
@@ -62,5 +116,8 @@ def check_image(image) -> None:
             f"unsupported image shape {tuple(shape)}; expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4"
         )
 
+
+# Saved processor configs carry an auto_map, so folders load with trust_remote_code where modsquad is absent.
+ModSquadImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = ["ModSquadImageProcessor"]
