@@ -13,7 +13,9 @@ from transformers import (
 from .configuration_modsquad import TASK_TYPES, ModSquadConfig
 from .head_classification import ModSquadForImageClassification, ModSquadImageClassifierOutput
 from .image_processing_modsquad import ModSquadImageProcessor
+from .modeling_heads import ModSquadForTask, TaskHead
 from .modeling_modsquad import ModSquadModel, ModSquadModelOutput, ModSquadPreTrainedModel
+from .modeling_multitask import ModSquadForMultiTask
 from .moe import SORTED_MM, RoutingStatistics, task_expert_mutual_information
 
 __version__ = "0.1.0"
@@ -30,11 +32,14 @@ __all__ = [
     "TASK_TYPES",
     "ModSquadConfig",
     "ModSquadForImageClassification",
+    "ModSquadForMultiTask",
+    "ModSquadForTask",
     "ModSquadImageClassifierOutput",
     "ModSquadImageProcessor",
     "ModSquadModel",
     "ModSquadModelOutput",
     "ModSquadPreTrainedModel",
     "RoutingStatistics",
+    "TaskHead",
     "task_expert_mutual_information",
 ]
