@@ -1,0 +1,195 @@
+"""ModSquadConfig: validation errors, MoE layer selection, serialisation, top-level labels."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+
+from conftest import ALL_TASKS, tiny_config
+from modsquad import ModSquadConfig
+
+CLS = ALL_TASKS[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # (field, bad value, what is accepted) must all be in the message
+        ({"num_experts_per_tok": 5}, ["num_experts_per_tok=5", "num_experts=4", "at most"]),
+        ({"num_experts": [4, 1]}, ["num_experts_per_tok=2", "[4, 1]", "at most"]),
+        ({"tasks": [CLS, dict(CLS)]}, ["duplicate", "'cls'"]),
+        (
+            {"tasks": [{"name": "cap", "type": "image-captioning"}]},
+            ["image-captioning", "semantic-segmentation"],
+        ),
+        ({"tasks": [{"name": "my-task", "type": "depth-estimation"}]}, ["'my-task'", "identifier"]),
+        ({"tasks": []}, ["tasks", "non-empty list"]),
+        ({"tasks": "cls"}, ["tasks", "'cls'"]),
+        ({"tasks": ["cls"]}, ["tasks[0]", "dict"]),
+        (
+            {"hidden_size": 60, "num_attention_heads": 7},
+            ["hidden_size=60", "num_attention_heads=7", "divide 60"],
+        ),
+        ({"hidden_size": 0}, ["hidden_size", "positive int", "0"]),
+        ({"num_experts_per_tok": 2.0}, ["num_experts_per_tok", "positive int", "2.0"]),
+        ({"image_size": 36}, ["image_size=36", "patch_size=8", "multiple"]),
+        ({"image_size": [48, 36]}, ["image_size=[48, 36]", "patch_size=8"]),
+        ({"image_size": [48]}, ["image_size", "[48]", "[height, width]"]),
+        ({"image_size": 0}, ["image_size", "positive int", "0"]),
+        ({"image_size": [-8, 32]}, ["image_size", "[-8, 32]", "positive int"]),
+        ({"moe_layers": "odd"}, ["moe_layers='odd'", "'all'", "'every_other'", "list of block indices"]),
+        ({"moe_layers": [1, 1]}, ["moe_layers=[1, 1]", "distinct", "0..3"]),
+        ({"moe_layers": [4]}, ["moe_layers=[4]", "0..3"]),
+        ({"moe_layers": [-1]}, ["moe_layers=[-1]", "0..3"]),
+        ({"num_experts": [4, 4, 4]}, ["num_experts", "3 entries", "2 MoE blocks"]),
+        ({"num_experts": [4, 0]}, ["num_experts", "positive int", "[4, 0]"]),
+        (
+            {"moe_attention": True, "attention_num_experts": [4]},
+            ["attention_num_experts", "1 entries", "2 MoE"],
+        ),
+        ({"moe_attention": True, "attention_experts_per_tok": 5}, ["attention_experts_per_tok=5", "exceeds"]),
+        (
+            {"moe_attention": True, "attention_experts_per_tok": 0},
+            ["attention_experts_per_tok", "positive int"],
+        ),
+        (
+            {"moe_attention": True, "attention_experts_per_tok": 3},
+            ["num_attention_heads=4", "attention_expert_heads"],
+        ),
+        (
+            {"moe_attention": True, "attention_expert_heads": -1},
+            ["attention_expert_heads", "positive int", "-1"],
+        ),
+        ({"hidden_act": "swishy"}, ["hidden_act='swishy'", "gelu"]),
+        ({"drop_path_rate": 1.0}, ["drop_path_rate", "[0, 1)", "1.0"]),
+        ({"mi_loss_coef": -1.0}, ["mi_loss_coef", ">= 0", "-1.0"]),
+        ({"feature_layers": [4]}, ["feature_layers=[4]", "0..3"]),
+    ],
+)
+def test_invalid_config_raises_value_error_naming_field_value_and_accepted(overrides, expected):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    for fragment in expected:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        (
+            {"name": "c", "type": "image-classification", "labels": ["a", "b"], "num_labels": 3},
+            ["num_labels=3", "2 labels"],
+        ),
+        ({"name": "c", "type": "image-classification"}, ["'c'", "num_labels", "labels", "id2label"]),
+        ({"name": "c", "type": "image-classification", "num_labels": 0}, ["num_labels=0", "positive int"]),
+        ({"name": "c", "type": "image-classification", "id2label": {0: "a", 2: "b"}}, ["0..1", "[0, 2]"]),
+        (
+            {"name": "c", "type": "image-classification", "num_labels": 2, "problem_type": "regression"},
+            ["'regression'", "multi_label_classification"],
+        ),
+        (
+            {"name": "s", "type": "semantic-segmentation", "num_labels": 2, "ignore_index": "x"},
+            ["ignore_index"],
+        ),
+    ],
+)
+def test_invalid_task_entry_raises_value_error(task, expected):
+    with pytest.raises(ValueError) as error:
+        tiny_config(tasks=[task])
+    for fragment in expected:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("moe_layers", "num_hidden_layers", "expected"),
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("every_other", 4, [1, 3]),
+        ("every_other", 5, [1, 3]),
+        ([2, 0], 4, [0, 2]),
+        ([], 4, []),
+    ],
+)
+def test_moe_layers_select_the_moe_blocks(moe_layers, num_hidden_layers, expected):
+    from modsquad import ModSquadModel
+
+    config = tiny_config(moe_layers=moe_layers, num_hidden_layers=num_hidden_layers)
+    assert config.moe_layer_indices == expected
+    model = ModSquadModel(config)
+    assert [i for i, block in enumerate(model.layers) if block.is_moe] == expected
+
+
+def test_per_layer_expert_counts_reach_the_blocks():
+    from modsquad import ModSquadModel
+
+    config = tiny_config(moe_layers="all", num_experts=[2, 3, 4, 5])
+    model = ModSquadModel(config)
+    assert [block.mlp.experts.up_proj.shape[0] for block in model.layers] == [2, 3, 4, 5]
+    assert [block.mlp.router.weight.shape[1] for block in model.layers] == [2, 3, 4, 5]
+
+
+def test_defaults_are_derived():
+    config = tiny_config(moe_attention=True)
+    assert config.intermediate_size == config.num_experts_per_tok * config.expert_intermediate_size == 64
+    assert config.attention_num_experts == config.num_experts
+    assert config.attention_experts_per_tok == config.num_experts_per_tok
+    assert config.attention_expert_heads == config.num_attention_heads // config.num_experts_per_tok
+    assert config.feature_layers == [0, 1, 2, 3]
+    assert tiny_config(num_hidden_layers=12).feature_layers == [2, 5, 8, 11]
+    # labels given as a list become int-keyed id2label / label2id
+    task = tiny_config().tasks[0]
+    assert task["id2label"] == {0: "circle", 1: "square", 2: "triangle"}
+    assert task["label2id"] == {"circle": 0, "square": 1, "triangle": 2}
+    assert task["problem_type"] == "single_label_classification"
+    assert tiny_config([ALL_TASKS[1]]).tasks[0]["ignore_index"] == 255
+
+
+def test_task_lookup_by_name_and_id():
+    config = tiny_config(ALL_TASKS)
+    assert config.task_names == ["cls", "seg", "det", "depth"]
+    assert config.task_index("det") == config.task_index(2) == 2
+    assert config.get_task("depth")["type"] == "depth-estimation"
+    for bad in ("nope", 4, -1, True):
+        with pytest.raises(ValueError, match=r"cls.*seg.*det.*depth"):
+            config.task_index(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tasks": ALL_TASKS},
+        {"tasks": [CLS], "moe_layers": [0, 3], "num_experts": [3, 4], "image_size": [48, 32]},
+        {"tasks": ALL_TASKS[:2], "moe_attention": True, "attention_num_experts": [2, 4]},
+    ],
+)
+def test_save_and_from_pretrained_round_trip_keeps_tasks_and_labels(tmp_path, overrides):
+    config = tiny_config(**overrides)
+    config.save_pretrained(tmp_path)
+    loaded = ModSquadConfig.from_pretrained(tmp_path)
+    auto_loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(auto_loaded) is ModSquadConfig
+    for other in (loaded, auto_loaded, ModSquadConfig.from_dict(config.to_dict())):
+        assert other.tasks == config.tasks  # int-keyed id2label again after JSON's string keys
+        assert _without_path(other.to_dict()) == _without_path(config.to_dict())
+        assert other.moe_layer_indices == config.moe_layer_indices
+        assert other.experts_per_layer == config.experts_per_layer
+        assert other.image_size_hw == config.image_size_hw
+
+
+def _without_path(config_dict: dict) -> dict:
+    return {k: v for k, v in config_dict.items() if k != "_name_or_path"}
+
+
+def test_single_task_config_exposes_labels_at_top_level(tmp_path):
+    config = tiny_config()
+    assert config.id2label == {0: "circle", 1: "square", 2: "triangle"}
+    assert config.label2id == {"circle": 0, "square": 1, "triangle": 2}
+    assert config.num_labels == 3
+    assert config.problem_type == "single_label_classification"
+    config.save_pretrained(tmp_path)
+    assert ModSquadConfig.from_pretrained(tmp_path).id2label == config.id2label
+
+    multi_label = tiny_config([{**CLS, "problem_type": "multi_label_classification"}])
+    assert multi_label.problem_type == "multi_label_classification"
+    # A depth task has no labels: the only labelled task still provides the top-level ones.
+    assert tiny_config([ALL_TASKS[3], ALL_TASKS[1]]).id2label == {0: "background", 1: "shape"}
