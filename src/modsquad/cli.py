@@ -9,6 +9,12 @@ import sys
 # sub-command -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("modsquad.benchmark", "time MoE layers against dense MLPs of the same active size"),
+    "evaluate": ("modsquad.evaluate_cli", "evaluate a checkpoint on a dataset split with its task's metrics"),
+    "train": ("modsquad.train_cli", "multi-task training from a YAML recipe (Accelerate; resumable)"),
+    "demo": ("modsquad.demo", "the main job on generated data: train all four tasks, evaluate, plot usage"),
+    "prune": ("modsquad.prune_cli", "cut each task of a run into a standalone model of the experts it uses"),
+    "inspect": ("modsquad.inspect_cli", "show a checkpoint's tasks, experts per layer, parameters and usage"),
+    "push": ("modsquad.push_cli", "publish a run (multi-task model and pruned task models) to the Hub"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 TASK_TYPES = (
     "image-classification",
@@ -84,7 +85,10 @@ class ModSquadConfig(PreTrainedConfig):
             `"image-classification"`, `"semantic-segmentation"`, `"object-detection"`, `"depth-estimation"`), and for
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
             (`"single_label_classification"` or `"multi_label_classification"`); segmentation `ignore_index`
-            (default 255). Defaults to one 1000-class classification task named `"cls"`.
+            (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
+            `routable_attention_experts`): an int or one int per MoE block, the number of leading experts the task
+            may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
+            them. Defaults to one 1000-class classification task named `"cls"`.
         hidden_size (`int`, *optional*, defaults to 384): Width of the token embeddings.
         num_hidden_layers (`int`, *optional*, defaults to 12): Number of transformer blocks.
         num_attention_heads (`int`, *optional*, defaults to 6): Attention heads per block.
@@ -123,6 +127,11 @@ class ModSquadConfig(PreTrainedConfig):
         z_loss_coef (`float`, *optional*, defaults to 0.001): Weight of the router z-loss.
         feature_layers (`list[int]`, *optional*): Blocks whose outputs dense heads read; defaults to four evenly
             spaced blocks ending with the last.
+        pruned_experts (`list[list[int]]`, *optional*): Set by [`prune_for_task`]: for each MoE block, which experts
+            of the unpruned model (indices into its experts, increasing) this model kept, one per expert here.
+        pruned_attention_experts (`list[list[int]]`, *optional*): The same for the attention experts.
+        pruned_from (`dict`, *optional*): Set by [`prune_for_task`]: the unpruned model this one was cut from:
+            `name_or_path`, its `tasks` (names), `num_experts` / `attention_num_experts` and `num_parameters`.
 
     Example:
 
@@ -168,6 +177,9 @@ class ModSquadConfig(PreTrainedConfig):
     balance_loss_coef: float = 0.0
     z_loss_coef: float = 0.001
     feature_layers: list[int] | None = None
+    pruned_experts: list[list[int]] | None = None
+    pruned_attention_experts: list[list[int]] | None = None
+    pruned_from: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.tasks is None:
@@ -175,6 +187,8 @@ class ModSquadConfig(PreTrainedConfig):
         self._validate_shape()
         self._validate_tasks()
         self._validate_moe()
+        self._validate_routable_experts()
+        self._validate_pruning()
         if self.intermediate_size is None:
             self.intermediate_size = self.num_experts_per_tok * self.expert_intermediate_size
         if self.feature_layers is None:
@@ -207,6 +221,10 @@ class ModSquadConfig(PreTrainedConfig):
         for field, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not a Transformers activation; accepted: {sorted(ACT2FN)}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
@@ -251,6 +269,11 @@ class ModSquadConfig(PreTrainedConfig):
             return
         if self.attention_experts_per_tok is None:
             self.attention_experts_per_tok = self.num_experts_per_tok
+        for field in ("attention_experts_per_tok", "attention_expert_heads"):
+            value = getattr(self, field)
+            # attention_expert_heads may still be None here: it is derived below.
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
         if self.attention_num_experts is None:
             self.attention_num_experts = self.num_experts
         self.attention_num_experts = self._per_layer_counts(
@@ -268,6 +291,65 @@ class ModSquadConfig(PreTrainedConfig):
                     f"{self.attention_experts_per_tok}; set attention_expert_heads explicitly"
                 )
             self.attention_expert_heads = self.num_attention_heads // self.attention_experts_per_tok
+
+    def _validate_routable_experts(self) -> None:
+        kinds = (
+            ("routable_experts", self.experts_per_layer, self.num_experts_per_tok),
+            ("routable_attention_experts", self.attention_experts_per_layer, self.attention_experts_per_tok),
+        )
+        for task in self.tasks:
+            for key, counts, top_k in kinds:
+                if key not in task:
+                    continue
+                if not counts:
+                    raise ValueError(f"task {task['name']!r} sets {key} but the model has no such experts")
+                field = f"task {task['name']!r}: {key}"
+                task[key] = self._per_layer_counts(field, task[key], len(counts))
+                limits = task[key] if isinstance(task[key], list) else [task[key]] * len(counts)
+                if any(not top_k <= limit <= count for limit, count in zip(limits, counts)):
+                    raise ValueError(
+                        f"{field}={task[key]} must lie between the experts per token ({top_k}) and the experts of "
+                        f"each MoE block ({counts})"
+                    )
+
+    def _validate_pruning(self) -> None:
+        kinds = (
+            ("pruned_experts", self.experts_per_layer),
+            ("pruned_attention_experts", self.attention_experts_per_layer),
+        )
+        for field, counts in kinds:
+            kept = getattr(self, field)
+            if kept is None:
+                continue
+            if not counts:
+                raise ValueError(
+                    f"{field} is set but the model has no such experts (moe_attention={self.moe_attention})"
+                )
+            if not isinstance(kept, (list, tuple)) or len(kept) != len(counts):
+                raise ValueError(
+                    f"{field} must hold one list of kept expert indices per MoE block ({len(counts)} blocks), "
+                    f"got {kept!r}"
+                )
+            for position, (layer, count) in enumerate(zip(kept, counts)):
+                valid = isinstance(layer, (list, tuple)) and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layer
+                )
+                # Increasing order keeps the experts' relative order, hence top-k tie-breaking, as in the parent.
+                if not valid or len(layer) != count or list(layer) != sorted(set(layer)):
+                    raise ValueError(
+                        f"{field}[{position}]={layer!r} must list {count} distinct increasing expert indices >= 0, "
+                        f"one per expert of MoE block {position} (experts per block: {counts})"
+                    )
+            setattr(self, field, [list(layer) for layer in kept])
+        if self.pruned_from is not None and (
+            not isinstance(self.pruned_from, dict)
+            or not isinstance(self.pruned_from.get("tasks"), list)
+            or not all(isinstance(t, str) for t in self.pruned_from["tasks"])
+        ):
+            raise ValueError(
+                "pruned_from must be a dict holding at least the parent's 'tasks' (a list of task names), "
+                f"got {self.pruned_from!r}"
+            )
 
     @staticmethod
     def _per_layer_counts(field: str, value: Any, num_moe_layers: int) -> int | list[int]:
@@ -287,11 +369,10 @@ class ModSquadConfig(PreTrainedConfig):
     @property
     def image_size_hw(self) -> tuple[int, int]:
         size = self.image_size
-        if isinstance(size, int):
-            return size, size
-        if isinstance(size, (list, tuple)) and len(size) == 2:
-            return int(size[0]), int(size[1])
-        raise ValueError(f"image_size must be an int or [height, width], got {size!r}")
+        sides = [size, size] if not isinstance(size, (list, tuple)) else list(size)
+        if len(sides) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sides):
+            raise ValueError(f"image_size must be a positive int or [height, width] of them, got {size!r}")
+        return sides[0], sides[1]
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -329,6 +410,24 @@ class ModSquadConfig(PreTrainedConfig):
         return list(counts) if isinstance(counts, list) else [counts] * n
 
     @property
+    def routable_experts_per_layer(self) -> list[list[int]]:
+        """For each MoE block, how many of its leading MLP experts each task may route to (task order)."""
+        return self._task_limits("routable_experts", self.experts_per_layer)
+
+    @property
+    def routable_attention_experts_per_layer(self) -> list[list[int]]:
+        """For each MoE block, how many of its leading attention experts each task may route to (empty without
+        `moe_attention`)."""
+        return self._task_limits("routable_attention_experts", self.attention_experts_per_layer)
+
+    def _task_limits(self, key: str, counts: list[int]) -> list[list[int]]:
+        per_task = []
+        for task in self.tasks:
+            limit = task.get(key, counts)
+            per_task.append(limit if isinstance(limit, list) else [limit] * len(counts))
+        return [list(block) for block in zip(*per_task)] if counts else []
+
+    @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
@@ -338,9 +437,8 @@ class ModSquadConfig(PreTrainedConfig):
 
     def task_index(self, task: str | int) -> int:
         """Returns the id of `task` (a name or an id), raising a ValueError that lists the model's tasks."""
-        if isinstance(task, bool):
-            raise ValueError(f"task must be a task name or id, got {task!r}")
-        if isinstance(task, int):
+        # bool is an int subclass, but `task=True` is a mistake, not task 1.
+        if isinstance(task, int) and not isinstance(task, bool):
             if 0 <= task < self.num_tasks:
                 return task
         elif isinstance(task, str) and task in self.task_names:

@@ -8,8 +8,13 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from .processing_dense import prepare_depth_labels, prepare_segmentation_labels
-from .processing_detection import prepare_detection_labels
+from .processing_dense import (
+    post_process_depth_estimation,
+    post_process_semantic_segmentation,
+    prepare_depth_labels,
+    prepare_segmentation_labels,
+)
+from .processing_detection import post_process_object_detection, prepare_detection_labels
 
 # PIL modes that convert to RGB without losing meaning; 16/32-bit and float modes are depth or label maps.
 SUPPORTED_PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1")
@@ -56,6 +61,7 @@ class ModSquadImageProcessor(PilBackend):
         given = [name for name, value in targets.items() if value is not None]
         if len(given) > 1:
             raise ValueError(f"one batch holds one task's targets; got {given} together")
+        images = checked_images(images)
         return super().preprocess(images, annotations, segmentation_maps, depth_maps, **kwargs)
 
     def _preprocess_image_like_inputs(
@@ -89,11 +95,67 @@ class ModSquadImageProcessor(PilBackend):
             data["labels"] = prepare_depth_labels(depth_maps, original_sizes, height, width)
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip)
 
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes=None,
+        top_k: int = 100,
+        nms_threshold: float | None = 0.5,
+    ) -> list[dict]:
+        """Detection model outputs -> per image `scores`, `labels` and `(x_min, y_min, x_max, y_max)` `boxes` in
+        pixels of `target_sizes` (`(height, width)` per image), or normalised without them; what the
+        object-detection pipeline calls. See [`processing_detection.post_process_object_detection`]."""
+        return post_process_object_detection(
+            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k, nms_threshold=nms_threshold
+        )
+
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, return_segmentation_scores: bool = False
+    ) -> list:
+        """Segmentation model outputs -> one `(height, width)` LongTensor class map per image: logits resized
+        (bilinear) to `target_sizes` (`(height, width)` per image) then argmax; what the image-segmentation pipeline
+        calls. See [`processing_dense.post_process_semantic_segmentation`]."""
+        return post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, return_segmentation_scores=return_segmentation_scores
+        )
+
+    def post_process_depth_estimation(self, outputs, target_sizes=None) -> list[dict]:
+        """Depth model outputs -> per image `{"predicted_depth": (height, width) tensor}`, resized (bilinear) to
+        `target_sizes`; what the depth-estimation pipeline calls. See
+        [`processing_dense.post_process_depth_estimation`]."""
+        return post_process_depth_estimation(outputs, target_sizes=target_sizes)
+
+    def to_dict(self) -> dict:
+        # Resolved through the model config's `model_type` (and its auto_map for remote code) instead of an
+        # `image_processor_type`: from that name Transformers also guesses a remote video processor that does not
+        # exist and asks users whether to run custom code, every time a pipeline loads.
+        output = super().to_dict()
+        output.pop("image_processor_type", None)
+        return output
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         check_image(image)
         return super().process_image(
             image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
         )
+
+
+def checked_images(images) -> list:
+    """One image or a list of them -> a list of checked images, grey `(H, W)` arrays given a channel axis.
+
+    Checking here, before Transformers flattens the input, keeps its guesses out: it would read a string as a path,
+    URL or base64 data, and a 4-D array as a batch of any layout.
+    """
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError(
+            "no images given; pass a PIL image, a NumPy array or a torch tensor, or a list of them"
+        )
+    for image in items:
+        check_image(image)
+    # Transformers' input flattening does not take 2-D arrays; (H, W, 1) is the same grey image.
+    return [image[..., None] if getattr(image, "ndim", None) == 2 else image for image in items]
 
 
 def check_image(image) -> None:
@@ -108,16 +170,15 @@ def check_image(image) -> None:
     shape = getattr(image, "shape", None)
     if shape is None or not hasattr(image, "dtype"):
         raise ValueError(
-            f"unsupported image type {type(image).__name__}; pass PIL images, NumPy arrays or torch tensors"
+            f"unsupported image type {type(image).__name__}; pass PIL images, NumPy arrays or torch tensors "
+            "(open files yourself, e.g. with PIL.Image.open)"
         )
     valid = len(shape) == 2 or (len(shape) == 3 and (shape[0] in (1, 3, 4) or shape[-1] in (1, 3, 4)))
     if not valid:
         raise ValueError(
-            f"unsupported image shape {tuple(shape)}; expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4"
+            f"unsupported image shape {tuple(shape)}; expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4 "
+            "(pass a batch as a list of images)"
         )
 
-
-# Saved processor configs carry an auto_map, so folders load with trust_remote_code where modsquad is absent.
-ModSquadImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = ["ModSquadImageProcessor"]

@@ -241,15 +241,21 @@ class ModSquadBlock(GradientCheckpointingLayer):
         drop_path: float,
         num_experts: int | None,
         num_attention_experts: int | None,
+        expert_limits: list[int] | None = None,
+        attention_expert_limits: list[int] | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if num_attention_experts:
-            self.attention = ModSquadAttentionExperts(config, num_attention_experts, eager_attention_forward)
+            self.attention = ModSquadAttentionExperts(
+                config, num_attention_experts, eager_attention_forward, attention_expert_limits
+            )
         else:
             self.attention = ModSquadSelfAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ModSquadSparseMLP(config, num_experts) if num_experts else ModSquadMLP(config)
+        self.mlp = (
+            ModSquadSparseMLP(config, num_experts, expert_limits) if num_experts else ModSquadMLP(config)
+        )
         self.drop_path = ModSquadDropPath(drop_path)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -271,6 +277,8 @@ class ModSquadBlock(GradientCheckpointingLayer):
 
 
 # ------------------------------------------------------------------------------------------ pretrained base
+IMAGE_PROCESSOR_MODULE = "image_processing_modsquad"
+
 # Remote-code entry points (Auto class -> "module.Class"); head modules add theirs when imported.
 REMOTE_CODE_AUTO_MAP: dict[str, type] = {}
 
@@ -307,6 +315,17 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         # Default to the sorted kernel registered in moe.py: the fastest exact one on CPU for training and inference.
         return super().get_correct_experts_implementation(requested_experts or SORTED_MM)
 
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        # Reentrant checkpointing re-attaches only the tensors a block returns directly; the router outputs travel
+        # inside `RouterOutput` objects, so the aux and mutual-information losses would silently lose their gradient.
+        checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if checkpoint_kwargs["use_reentrant"]:
+            raise ValueError(
+                "use_reentrant=True is not supported: reentrant checkpointing drops the router gradients; "
+                "accepted: use_reentrant=False (the default)"
+            )
+        super()._activation_checkpointing_enable(checkpoint_kwargs, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -334,6 +353,46 @@ class ModSquadPreTrainedModel(PreTrainedModel):
             init.zeros_(module.q_proj_bias)
             init.zeros_(module.o_proj_bias)
 
+    @classmethod
+    def from_dense(
+        cls,
+        model_or_path: PreTrainedModel | str | os.PathLike,
+        task: str | None = None,
+        router_init_std: float | None = None,
+        dense_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> ModSquadPreTrainedModel:
+        r"""
+        Sparse upcycling: builds this class from a dense ViT, DeiT or DINOv2 (patch and position embeddings,
+        attention, norms copied; every expert a copy of its block's MLP, `expert_intermediate_size` = the dense MLP
+        width). With the default `norm_topk_prob=True` the upcycled backbone computes what the dense one does: DeiT
+        exactly (task tokens take the distillation token's slot); ViT and DINOv2 with the task token, initialised as
+        a copy of `[CLS]`, added to the sequence. DINOv2's layer scales are folded into the output projections; the
+        ViT pooler and dense heads are left out (heads start fresh).
+
+        Args:
+            model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a dense model (backbone or head model), a
+                local folder or a Hub id such as `"google/vit-base-patch16-224"` or `"facebook/dinov2-small"`.
+            task (`str`, *optional*): for single-task head classes, the task to serve when the config has several.
+            router_init_std (`float`, *optional*): std of the routers' random initialisation, defaults to
+                `initializer_range`; identical experts need a random router to receive different tokens. 0 keeps
+                zero routers.
+            dense_kwargs (`dict`, *optional*): `from_pretrained` arguments for loading `model_or_path`.
+            config_kwargs: other [`ModSquadConfig`] fields: `tasks`, `num_experts`, `num_experts_per_tok`,
+                `moe_layers`, `moe_attention`, ... (the shape fields come from the dense checkpoint).
+
+        Example:
+
+        ```python
+        >>> model = ModSquadForMultiTask.from_dense(
+        ...     "facebook/dinov2-small", tasks=tasks, num_experts=16, num_experts_per_tok=4, moe_layers="all"
+        ... )
+        ```"""
+        # Upcycling is a training-time tool: imported on use, so remote-code checkpoints never need it.
+        from .upcycling import upcycle
+
+        return upcycle(cls, model_or_path, task, router_init_std, dense_kwargs, **config_kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` (safetensors), plus the modeling code and an `auto_map`, so the folder
         also loads with `trust_remote_code=True` where the `modsquad` package is not installed."""
@@ -341,13 +400,21 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         auto_map.update(
             {auto: f"{_module_stem(cls)}.{cls.__name__}" for auto, cls in REMOTE_CODE_AUTO_MAP.items()}
         )
+        files = [
+            sys.modules[cls.__module__].__file__ for cls in (ModSquadConfig, *REMOTE_CODE_AUTO_MAP.values())
+        ]
+        # The processor is named here, in the model's auto_map, rather than in preprocessor_config.json: from an
+        # image-processor auto_map Transformers infers a (non-existent) remote video processor and prompts users.
+        processor_file = os.path.join(os.path.dirname(__file__), f"{IMAGE_PROCESSOR_MODULE}.py")
+        if os.path.exists(processor_file):
+            auto_map["AutoImageProcessor"] = f"{IMAGE_PROCESSOR_MODULE}.ModSquadImageProcessor"
+            files.append(processor_file)
         self.config.auto_map = auto_map
         kwargs.pop("safe_serialization", None)  # safetensors only
         super().save_pretrained(save_directory, *args, **kwargs)
-        is_main = kwargs.get("is_main_process", True)
-        if is_main:
-            for cls in (ModSquadConfig, *REMOTE_CODE_AUTO_MAP.values()):
-                _copy_module_tree(sys.modules[cls.__module__].__file__, save_directory)
+        if kwargs.get("is_main_process", True):
+            for module_file in files:
+                _copy_module_tree(module_file, save_directory)
 
 
 def _module_stem(cls: type) -> str:
@@ -379,6 +446,8 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self.embeddings = ModSquadEmbeddings(config)
         moe_positions = {layer: i for i, layer in enumerate(config.moe_layer_indices)}
         attention_experts = config.attention_experts_per_layer
+        expert_limits = config.routable_experts_per_layer
+        attention_expert_limits = config.routable_attention_experts_per_layer
         drop_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layers = nn.ModuleList()
         for layer in range(config.num_hidden_layers):
@@ -389,6 +458,10 @@ class ModSquadModel(ModSquadPreTrainedModel):
                     drop_path=drop_rates[layer],
                     num_experts=config.experts_per_layer[moe_pos] if moe_pos is not None else None,
                     num_attention_experts=attention_experts[moe_pos]
+                    if moe_pos is not None and attention_experts
+                    else None,
+                    expert_limits=expert_limits[moe_pos] if moe_pos is not None else None,
+                    attention_expert_limits=attention_expert_limits[moe_pos]
                     if moe_pos is not None and attention_experts
                     else None,
                 )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import head_classification  # noqa: F401  (registers its task head)
+from . import (  # noqa: F401  (each registers its task head)
+    head_classification,
+    head_depth,
+    head_detection,
+    head_segmentation,
+)
 from .configuration_modsquad import ModSquadConfig
 from .modeling_heads import build_task_head, run_task_head
 from .modeling_modsquad import ModSquadModel, ModSquadPreTrainedModel

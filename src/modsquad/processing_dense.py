@@ -1,9 +1,11 @@
-"""Dense targets (segmentation and depth maps) for the image processor."""
+"""Dense tasks (segmentation and depth) in the image processor: targets in, post-processed predictions out."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
 
 def to_2d_array(label_map, name: str, index: int) -> np.ndarray:
@@ -61,3 +63,93 @@ def prepare_depth_labels(maps, original_sizes, height: int, width: int) -> list[
             )
         labels.append(resize_nearest(array, height, width))
     return labels
+
+
+def check_target_sizes(target_sizes, batch_size: int) -> list[tuple[int, int] | None]:
+    """`target_sizes` (None, a list of `(height, width)` pairs or a `(batch_size, 2)` tensor) as one size or None
+    per image."""
+    if target_sizes is None:
+        return [None] * batch_size
+    if hasattr(target_sizes, "tolist"):
+        target_sizes = target_sizes.tolist()
+    if len(target_sizes) != batch_size:
+        raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {batch_size} predictions")
+    sizes = []
+    for index, size in enumerate(target_sizes):
+        size = tuple(size.tolist() if hasattr(size, "tolist") else size)
+        if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+            raise ValueError(
+                f"target_sizes[{index}] must be a (height, width) pair of positive ints, got {size}"
+            )
+        sizes.append((int(size[0]), int(size[1])))
+    return sizes
+
+
+def post_process_semantic_segmentation(
+    outputs, target_sizes=None, return_segmentation_scores: bool = False
+) -> list:
+    """Class-id maps from a segmentation model's `logits` `(batch_size, num_labels, h, w)`: logits resized
+    (bilinear) to each target size, then argmax.
+
+    Args:
+        outputs: a model output with `logits` (e.g. [`ModSquadSemanticSegmenterOutput`]).
+        target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `(batch_size, 2)`, *optional*):
+            `(height, width)` of each result; without it the maps keep the logits' size.
+        return_segmentation_scores (`bool`, *optional*, defaults to `False`): return, per image, a
+            `SemanticSegmentationPostProcessorOutput` with `segmentation` and the resized `segmentation_scores`
+            `(num_labels, height, width)` instead of the bare map.
+
+    Returns:
+        `list[torch.LongTensor]`: one `(height, width)` map per image (or the outputs above).
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    if logits.ndim != 4:
+        raise ValueError(
+            f"logits must have shape (batch_size, num_labels, height, width), got {tuple(logits.shape)}"
+        )
+    results = []
+    for scores, size in zip(logits, check_target_sizes(target_sizes, logits.shape[0])):
+        if size is not None:
+            scores = torch.nn.functional.interpolate(
+                scores[None], size=size, mode="bilinear", align_corners=False
+            )[0]
+        segmentation = scores.argmax(dim=0)
+        if return_segmentation_scores:
+            results.append(
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": segmentation, "segmentation_scores": scores}
+                )
+            )
+        else:
+            results.append(segmentation)
+    return results
+
+
+def post_process_depth_estimation(outputs, target_sizes=None) -> list[dict[str, torch.Tensor]]:
+    """Depth maps from a depth model's `predicted_depth` `(batch_size, h, w)`, resized to each target size.
+
+    The resize is bilinear, not bicubic as in DPT's processor: bicubic overshoots at depth edges and could make a
+    positive depth negative.
+
+    Args:
+        outputs: a model output with `predicted_depth` (e.g. [`ModSquadDepthEstimatorOutput`]).
+        target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `(batch_size, 2)`, *optional*):
+            `(height, width)` of each result; without it the maps keep the model's size.
+
+    Returns:
+        `list[dict]`: per image, `{"predicted_depth": torch.Tensor of shape (height, width)}` (the format of the
+        Transformers depth processors and the depth-estimation pipeline).
+    """
+    depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
+    if depth.ndim != 3:
+        raise ValueError(
+            f"predicted_depth must have shape (batch_size, height, width), got {tuple(depth.shape)}"
+        )
+    results = []
+    for prediction, size in zip(depth, check_target_sizes(target_sizes, depth.shape[0])):
+        if size is not None:
+            prediction = torch.nn.functional.interpolate(
+                prediction[None, None], size=size, mode="bilinear", align_corners=False
+            )[0, 0]
+        results.append({"predicted_depth": prediction})
+    return results

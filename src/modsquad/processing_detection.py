@@ -1,4 +1,5 @@
-"""Detection targets and predictions in the Transformers conventions (COCO annotations in, DETR-style labels out)."""
+"""Detection targets and predictions in the Transformers conventions: COCO annotations in, DETR-style labels out;
+model outputs (`logits`, normalised cxcywh `pred_boxes`) in, scored pixel boxes out."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .box_ops import xywh_to_cxcywh
+from .box_ops import batched_nms, cxcywh_to_xyxy, xywh_to_cxcywh
 
 # Boxes may overshoot the image by rounding in real annotations; beyond this many pixels they are an error.
 BOX_TOLERANCE_PX = 1.0
@@ -26,7 +27,13 @@ def prepare_detection_labels(
     Returns:
         `list[dict]` with `class_labels` (`torch.LongTensor` of shape `(num_boxes,)`) and `boxes`
         (`torch.FloatTensor` of shape `(num_boxes, 4)`, normalised `(center_x, center_y, width, height)`, which a
-        resize leaves unchanged), plus `orig_size`.
+        resize leaves unchanged), plus `orig_size`. Boxes are clipped to the image; a box that overshoots by less
+        than `BOX_TOLERANCE_PX` and has nothing left inside is dropped. `category_id` is used as the class id as it
+        is: map dataset category ids to the model's contiguous ids (`label2id`) beforehand.
+
+    Raises:
+        ValueError: for a missing key, a degenerate box, a box outside the image or a non-integer category,
+            naming the image index and the value.
     """
     if isinstance(annotations, dict):
         annotations = [annotations]
@@ -63,10 +70,18 @@ def prepare_detection_labels(
                     f"annotations[{index}]: box {obj['bbox']} (COCO x, y, w, h in pixels) lies outside the "
                     f"{width}x{height} image"
                 )
+            category = _class_id(obj["category_id"])
+            if category is None or category < 0:
+                raise ValueError(
+                    f"annotations[{index}]: category_id must be an integer class id >= 0, got {obj['category_id']!r}"
+                )
             x0, y0 = max(x, 0.0), max(y, 0.0)
             x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+            if x1 <= x0 or y1 <= y0:
+                # A sliver lying wholly in the tolerated overshoot: nothing of it is in the image.
+                continue
             boxes.append([x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height])
-            classes.append(int(obj["category_id"]))
+            classes.append(category)
         box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         labels.append(
             {
@@ -76,3 +91,85 @@ def prepare_detection_labels(
             }
         )
     return labels
+
+
+def _class_id(value: Any) -> int | None:
+    """`value` as an int if it is an integer number (Python, NumPy or 0-d tensor), else None."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        return None
+    return as_int if as_int == value else None
+
+
+def post_process_object_detection(
+    outputs,
+    threshold: float = 0.5,
+    target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+    top_k: int = 100,
+    nms_threshold: float | None = 0.5,
+) -> list[dict[str, torch.Tensor]]:
+    """Model outputs -> scored, labelled boxes per image, as Transformers' DETR-family processors return them.
+
+    Scores are the sigmoid of `logits` (one independent score per class and query). The `top_k` best
+    (query, class) pairs of each image are kept, then those scoring above `threshold`, then class-wise
+    non-maximum suppression removes the duplicates that neighbouring cells of a dense head predict.
+
+    Args:
+        outputs: a model output with `logits` (`(batch_size, num_queries, num_labels)`) and `pred_boxes`
+            (`(batch_size, num_queries, 4)`, normalised `(center_x, center_y, width, height)`).
+        threshold (`float`, *optional*, defaults to 0.5): keep detections scoring strictly above it.
+        target_sizes (`torch.Tensor` of shape `(batch_size, 2)` or `list[tuple[int, int]]`, *optional*):
+            `(height, width)` of each image to scale the boxes to; without it, boxes stay normalised.
+        top_k (`int`, *optional*, defaults to 100): most detections kept per image.
+        nms_threshold (`float`, *optional*, defaults to 0.5): IoU above which a lower-scoring box of the same
+            class is dropped; `None` keeps every box.
+
+    Returns:
+        `list[dict]`, one per image, best score first: `scores` (`(k,)`), `labels` (`(k,)` class ids) and `boxes`
+        (`(k, 4)` as `(x_min, y_min, x_max, y_max)`, in pixels of the target size, or normalised).
+    """
+    logits, pred_boxes = outputs["logits"], outputs["pred_boxes"]
+    if logits.ndim != 3 or pred_boxes.shape != (*logits.shape[:2], 4):
+        raise ValueError(
+            f"expected logits (batch_size, num_queries, num_labels) and pred_boxes (batch_size, num_queries, 4), "
+            f"got {tuple(logits.shape)} and {tuple(pred_boxes.shape)}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if nms_threshold is not None and not 0 <= nms_threshold <= 1:
+        raise ValueError(f"nms_threshold must be in [0, 1] or None, got {nms_threshold!r}")
+    batch, _, num_labels = logits.shape
+    scale = None
+    if target_sizes is not None:
+        sizes = torch.as_tensor(
+            [list(s) for s in target_sizes] if isinstance(target_sizes, (list, tuple)) else target_sizes,
+            dtype=torch.float32,
+            device=pred_boxes.device,
+        )
+        if sizes.shape != (batch, 2):
+            raise ValueError(
+                f"target_sizes must hold one (height, width) per image, i.e. shape ({batch}, 2); "
+                f"got shape {tuple(sizes.shape)}"
+            )
+        scale = sizes.flip(-1).repeat(1, 2)  # (width, height, width, height)
+
+    scores = logits.detach().float().sigmoid().flatten(1)
+    k = min(top_k, scores.shape[1])
+    top_scores, top_index = scores.topk(k, dim=1)
+    results = []
+    for image in range(batch):
+        keep = top_scores[image] > threshold
+        image_scores = top_scores[image][keep]
+        labels = top_index[image][keep] % num_labels
+        queries = top_index[image][keep] // num_labels
+        boxes = cxcywh_to_xyxy(pred_boxes[image].detach().float()[queries])
+        if nms_threshold is not None:
+            kept = batched_nms(boxes, image_scores, labels, nms_threshold)
+            image_scores, labels, boxes = image_scores[kept], labels[kept], boxes[kept]
+        if scale is not None:
+            boxes = boxes * scale[image]
+        results.append({"scores": image_scores, "labels": labels, "boxes": boxes})
+    return results

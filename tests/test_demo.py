@@ -1,0 +1,52 @@
+"""`modsquad demo` with a tiny budget writes every file of its run folder; the demo recipe file matches the code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from modsquad.cli import main
+from modsquad.demo import DEMO_RECIPE
+from modsquad.training_config import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_demo_writes_the_whole_run_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output-dir", str(out), "--max-steps", "3", "--num-train", "8", "--num-val", "4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for task in ("cls", "det", "seg", "depth"):
+        assert task in printed
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["metrics"]) == {"cls", "det", "seg", "depth"}
+    assert set(summary["baselines"]) == {"cls", "det", "seg", "depth"}
+    assert summary["headline"]["cls"]["accuracy"] is not None and summary["steps"] == 3
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (out / "final" / name).is_file()
+    heatmaps = sorted(p.name for p in (out / "expert_usage").glob("*.png"))
+    assert heatmaps == ["layer1_mlp.png", "layer3_mlp.png", "layer5_mlp.png"]
+    usage = json.loads((out / "expert_usage.json").read_text())
+    assert all(sum(row) == pytest.approx(1.0) for table in usage.values() for row in table)
+    assert len((out / "training_log.jsonl").read_text().splitlines()) >= 1
+    assert (out / "logs" / "tracker" / "metrics.csv").is_file()
+    assert load_recipe(out / "recipe.yaml").training.max_steps == 3
+
+
+def test_demo_yaml_is_the_demo_recipe():
+    from_file = load_recipe(REPO / "training" / "configs" / "demo.yaml")
+    assert from_file == load_recipe(**DEMO_RECIPE)

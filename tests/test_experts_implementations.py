@@ -1,0 +1,274 @@
+"""Every experts kernel that runs on CPU gives eager's outputs and gradients (with even, uneven and empty routing,
+top-1 and top-all), checkpoints switch kernels freely, the attention experts compute what their definition says,
+and the MoE benchmark times every kernel against dense."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+import modsquad.moe as moe
+from conftest import tiny_config
+from modsquad import SORTED_MM, ModSquadForImageClassification
+from modsquad.benchmark import MoECase, format_table, measure_case
+from modsquad.modeling_modsquad import eager_attention_forward
+from modsquad.moe import ExpertDispatch, ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
+
+HIDDEN = 64
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: a second thread only adds synchronisation, which costs seconds per test on a
+    machine other processes keep busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _runs_on_cpu(name: str) -> bool:
+    """Whether an experts implementation accepts fp32 GELU experts on CPU (deepgemm and sonicmoe refuse)."""
+    config = tiny_config(num_experts=2, num_experts_per_tok=1)
+    config._experts_implementation = name
+    experts = ModSquadExperts(config, 2)
+    for param in experts.parameters():
+        torch.nn.init.normal_(param)
+    try:
+        experts(torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    except (ValueError, RuntimeError, ImportError, NotImplementedError):
+        return False
+    return True
+
+
+CPU_IMPLEMENTATIONS = [name for name in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()] if _runs_on_cpu(name)]
+# sorted_mm serves each expert's first `capacity` rows with one batched GEMM and the rest with a GEMM per expert;
+# the capacity depends on how tokens spread, so every routing is checked with packed rows (capacity 0), padded
+# blocks (the largest count) and a mix (the median count: some experts overflow).
+SORTED_LAYOUTS = {
+    "packed": lambda counts: 0,
+    "padded": max,
+    "mixed": lambda counts: sorted(counts)[len(counts) // 2],
+}
+KERNELS = [
+    pytest.param(name, layout, id=f"{name}-{layout}" if name == SORTED_MM else name)
+    for name in CPU_IMPLEMENTATIONS
+    for layout in (SORTED_LAYOUTS if name == SORTED_MM else [None])
+]
+
+
+def test_the_kernels_users_can_pick_on_cpu_are_all_checked():
+    assert {"eager", SORTED_MM, "grouped_mm", "batched_mm"} <= set(CPU_IMPLEMENTATIONS)
+
+
+# ------------------------------------------------------------------------------------------- MLP experts
+# name -> (num_experts, top_k, norm_topk_prob, routing); top-1 without renormalisation keeps a router gradient.
+ROUTINGS = {
+    "balanced": (4, 2, True, "spread"),
+    "uneven_with_an_empty_expert": (5, 2, True, "skewed"),
+    "top_1": (4, 1, False, "spread"),
+    "top_all": (4, 4, True, "spread"),
+}
+
+
+def _sparse_mlp(num_experts: int, top_k: int, norm_topk_prob: bool, routing: str):
+    """A randomly initialised MoE MLP and tokens for it. `skewed`: the first expert takes most tokens and the last
+    expert none (a constant input feature pushes their router logits far up and far down)."""
+    config = tiny_config(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        expert_intermediate_size=48,
+        norm_topk_prob=norm_topk_prob,
+    )
+    mlp = ModSquadSparseMLP(config, num_experts)
+    hidden = torch.randn(3, 23, HIDDEN)
+    with torch.no_grad():
+        mlp.router.weight.normal_(0.0, 1.0 / math.sqrt(HIDDEN))
+        mlp.experts.up_proj.normal_(0.0, 1.0 / math.sqrt(HIDDEN))
+        mlp.experts.down_proj.normal_(0.0, 1.0 / math.sqrt(48))
+        mlp.experts.up_proj_bias.normal_(0.0, 0.1)
+        mlp.experts.down_proj_bias.normal_(0.0, 0.1)
+        if routing == "skewed":
+            hidden[..., 0] = 3.0
+            mlp.router.weight[0, 0, 0] = 1.0
+            mlp.router.weight[0, -1, 0] = -10.0
+    return mlp, config, hidden
+
+
+def _outputs_and_gradients(mlp: ModSquadSparseMLP, hidden: torch.Tensor, grad_out: torch.Tensor) -> dict:
+    mlp.zero_grad(set_to_none=True)
+    hidden = hidden.clone().requires_grad_(True)
+    out, routing = mlp(hidden, 0)
+    out.backward(grad_out)
+    results = {"output": out.detach(), "hidden_states.grad": hidden.grad}
+    results.update({f"{name}.grad": param.grad for name, param in mlp.named_parameters()})
+    results["top_k_index"] = routing.top_k_index
+    return results
+
+
+@pytest.mark.parametrize("routing_name", list(ROUTINGS))
+@pytest.mark.parametrize(("implementation", "layout"), KERNELS)
+def test_kernel_matches_eager_outputs_and_gradients(implementation, layout, routing_name, monkeypatch):
+    mlp, config, hidden = _sparse_mlp(*ROUTINGS[routing_name])
+    grad_out = torch.randn_like(hidden)
+    config._experts_implementation = "eager"
+    expected = _outputs_and_gradients(mlp, hidden, grad_out)
+    if implementation == SORTED_MM:
+        monkeypatch.setattr(moe, "batched_capacity", SORTED_LAYOUTS[layout])
+    config._experts_implementation = implementation
+    actual = _outputs_and_gradients(mlp, hidden, grad_out)
+
+    counts = torch.bincount(expected["top_k_index"].reshape(-1), minlength=mlp.experts.num_experts)
+    if routing_name == "uneven_with_an_empty_expert":
+        assert counts[0] == hidden.shape[0] * hidden.shape[1] and counts[-1] == 0  # every token / none
+    assert expected["router.weight.grad"].abs().max() > 1e-3  # the routing weights really carry a gradient
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert_close(actual[name], expected[name], **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sorted_mm_pads_even_routing_and_packs_crowded_routing():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert moe.batched_capacity([200, 230, 190, 210]) == 230  # padding 30 rows beats 3 more GEMMs
+        assert moe.batched_capacity([200, 900, 190, 210]) == 210  # the outlier gets a GEMM of its own
+        assert moe.batched_capacity([1500, 1500, 0, 0, 0, 0, 0, 0]) == 0  # zero routers: 2 GEMMs, no padding
+    finally:
+        torch.set_num_threads(threads)
+    # one thread: GEMM calls cost next to nothing, padding would be pure waste
+    assert moe.batched_capacity([200, 230, 190, 210]) == 0
+
+
+def test_dispatch_gives_every_slot_its_own_row_reading_its_token():
+    top_k_index = torch.tensor([[0, 1]] * 5 + [[2, 1]] * 2 + [[3, 0]])  # counts 6, 7, 2, 1
+    dispatch = ExpertDispatch.from_indices(top_k_index, 4, choose_capacity=lambda counts: 3)
+    assert dispatch.counts == [6, 7, 2, 1] and dispatch.capacity == 3
+    # 4 blocks of 3 rows, then the overflow of experts 0 (3 rows) and 1 (4 rows)
+    assert dispatch.num_rows == 4 * 3 + 3 + 4
+    assert len(set(dispatch.row_of_slot.tolist())) == 16
+    assert_close(dispatch.token_of_row[dispatch.row_of_slot], torch.arange(16) // 2)
+    expert_of_row = [e for e in range(4) for _ in range(3)] + [0] * 3 + [1] * 4
+    assert [expert_of_row[r] for r in dispatch.row_of_slot.tolist()] == top_k_index.reshape(-1).tolist()
+
+
+def test_an_expert_without_tokens_gets_zero_gradients():
+    mlp, config, hidden = _sparse_mlp(*ROUTINGS["uneven_with_an_empty_expert"])
+    config._experts_implementation = SORTED_MM
+    mlp(hidden, 0)[0].sum().backward()
+    for param in (
+        mlp.experts.up_proj,
+        mlp.experts.up_proj_bias,
+        mlp.experts.down_proj,
+        mlp.experts.down_proj_bias,
+    ):
+        assert torch.count_nonzero(param.grad[-1]) == 0
+        assert torch.count_nonzero(param.grad[0]) > 0
+
+
+# ------------------------------------------------------------------------------------ whole-model switching
+def test_checkpoint_loads_with_any_kernel_and_switches_without_changing_logits(tmp_path):
+    model = ModSquadForImageClassification(tiny_config())
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, moe.ModSquadTaskRouter):
+                module.weight.normal_(0.0, 0.5)  # spread tokens over experts: zero routers pick the same ones
+    model.save_pretrained(tmp_path)
+    pixel_values = torch.randn(2, 3, 32, 32)
+
+    default = ModSquadForImageClassification.from_pretrained(tmp_path).eval()
+    grouped = ModSquadForImageClassification.from_pretrained(
+        tmp_path, experts_implementation="grouped_mm"
+    ).eval()
+    experts = [m for m in grouped.modules() if isinstance(m, ModSquadExperts)]
+    assert model.config._experts_implementation == default.config._experts_implementation == SORTED_MM
+    assert experts and all(m.config._experts_implementation == "grouped_mm" for m in experts)
+    with torch.no_grad():
+        logits = {"grouped_mm": grouped(pixel_values).logits, SORTED_MM: default(pixel_values).logits}
+        grouped.set_experts_implementation("eager")
+        assert all(m.config._experts_implementation == "eager" for m in experts)
+        logits["eager"] = grouped(pixel_values).logits
+    assert_close(logits["grouped_mm"], logits["eager"], **TOLERANCE)
+    assert_close(logits[SORTED_MM], logits["eager"], **TOLERANCE)
+
+
+# -------------------------------------------------------------------------------------- attention experts
+def _naive_attention_experts(module: ModSquadAttentionExperts, hidden: torch.Tensor, routing) -> torch.Tensor:
+    """The definition, one token and one chosen expert at a time: the expert's query attends over the keys and
+    values every expert shares; its output projection follows; the token sums its experts by routing weight."""
+    batch, seq, _ = hidden.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    keys = module.k_proj(hidden).view(batch, seq, heads, head_dim)
+    values = module.v_proj(hidden).view(batch, seq, heads, head_dim)
+    rows = []
+    for b in range(batch):
+        for t in range(seq):
+            token = b * seq + t
+            out = torch.zeros(hidden.shape[-1])
+            for slot in range(module.top_k):
+                expert = int(routing.top_k_index[token, slot])
+                query = (module.q_proj[expert] @ hidden[b, t] + module.q_proj_bias[expert]).view(
+                    heads, head_dim
+                )
+                attended = []
+                for head in range(heads):
+                    scores = keys[b, :, head] @ query[head] / math.sqrt(head_dim)
+                    attended.append(torch.softmax(scores, dim=0) @ values[b, :, head])
+                expert_out = module.o_proj[expert] @ torch.cat(attended) + module.o_proj_bias[expert]
+                out = out + routing.top_k_weights[token, slot] * expert_out
+            rows.append(out)
+    return torch.stack(rows).view(batch, seq, -1)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_experts_match_the_per_token_definition(attn_implementation, top_k):
+    config = tiny_config(moe_attention=True, num_experts=4, num_experts_per_tok=top_k)
+    config._attn_implementation = attn_implementation
+    module = ModSquadAttentionExperts(config, 4, eager_attention_forward)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.normal_(0.0, 1.0 / math.sqrt(HIDDEN) if "bias" not in name else 0.1)
+    hidden = torch.randn(2, 7, HIDDEN, requires_grad=True)
+
+    out, routing = module(hidden, 0)
+    assert len(set(routing.top_k_index.reshape(-1).tolist())) > 1  # tokens really go to different experts
+    expected = _naive_attention_experts(module, hidden, routing)
+    assert_close(out, expected, **TOLERANCE)
+
+    grad_out = torch.randn_like(out)
+    params = [
+        hidden,
+        module.q_proj,
+        module.o_proj,
+        module.k_proj.weight,
+        module.v_proj.weight,
+        module.router.weight,
+    ]
+    # the router is shared by both graphs: keep it for the second pass
+    actual_grads = torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+    for actual, wanted in zip(actual_grads, expected_grads):
+        assert_close(actual, wanted, **TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_times_every_kernel_against_dense_and_skips_batched_mm_training():
+    case = MoECase("tiny", batch=2, tokens=9, hidden=32, num_experts=4, expert_intermediate_size=16, top_k=2)
+    implementations = ["eager", SORTED_MM, "grouped_mm", "batched_mm"]
+    measurements = measure_case(case, implementations, repeats=2, warmup=1)
+
+    by_key = {(m.implementation, m.mode): m for m in measurements}
+    assert set(by_key) == {(name, mode) for name in implementations for mode in ("fwd", "fwd+bwd")}
+    assert by_key[("batched_mm", "fwd+bwd")].skipped.startswith("forward only")
+    for m in measurements:
+        if m.skipped is None:
+            assert m.moe_ms > 0 and m.dense_ms > 0
+            assert m.ratio == pytest.approx(m.moe_ms / m.dense_ms)
+    table = format_table(case, measurements)
+    assert "sorted_mm" in table and "skipped: forward only" in table

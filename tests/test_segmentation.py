@@ -1,0 +1,234 @@
+"""Semantic segmentation: head shapes, loss, label checks, post-processing, pipeline, saving, and that it learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoModelForSemanticSegmentation, pipeline
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from conftest import ALL_TASKS, tiny_config
+from modsquad import (
+    ModSquadForImageClassification,
+    ModSquadForMultiTask,
+    ModSquadForSemanticSegmentation,
+    ModSquadImageProcessor,
+    ModSquadSemanticSegmenterOutput,
+)
+
+SEG_TASK = dict(ALL_TASKS[1], decoder_channels=16)
+
+
+def seg_model(**task_options) -> ModSquadForSemanticSegmentation:
+    return ModSquadForSemanticSegmentation(tiny_config([dict(SEG_TASK, **task_options)])).eval()
+
+
+def shapes_dataset(num_images: int = 16, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dark noisy backgrounds with two bright squares or discs each; the mask is 1 on shape pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.2 + 0.05 * torch.rand(num_images, 3, size, size, generator=generator)
+    masks = torch.zeros(num_images, size, size, dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for image, mask in zip(images, masks):
+        for _ in range(2):
+            side = int(torch.randint(8, 15, (1,), generator=generator))
+            top, left = (int(v) for v in torch.randint(0, size - side, (2,), generator=generator))
+            if torch.rand(1, generator=generator) < 0.5:
+                inside = (yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)
+            else:
+                radius = side / 2
+                inside = (yy - top - radius + 0.5) ** 2 + (xx - left - radius + 0.5) ** 2 <= radius**2
+            image[:, inside] = 0.5 + 0.5 * torch.rand(3, 1, generator=generator)
+            mask[inside] = 1
+    return (images - 0.5) / 0.5, masks
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("seg")
+    seg_model().save_pretrained(folder)
+    ModSquadImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
+def test_logits_at_the_finest_pyramid_level(height, width):
+    model = seg_model()
+    outputs = model(torch.randn(2, 3, height, width))
+    assert isinstance(outputs, SemanticSegmenterOutput) and isinstance(
+        outputs, ModSquadSemanticSegmenterOutput
+    )
+    # 8px patches: finest level is stride 2 (patch_size / 4)
+    assert outputs.logits.shape == (2, 2, height // 2, width // 2)
+    assert outputs.loss is None and outputs.hidden_states is None
+    assert outputs.aux_loss is not None and len(outputs.router_logits) == len(outputs.expert_indices) == 2
+
+
+def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index():
+    model = seg_model()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 2, (2, 32, 32))
+    labels[0, :10] = 255
+    outputs = model(pixel_values, labels=labels)
+    upsampled = nn.functional.interpolate(outputs.logits, size=(32, 32), mode="bilinear", align_corners=False)
+    expected = nn.functional.cross_entropy(upsampled, labels, ignore_index=255)
+    torch.testing.assert_close(outputs.loss - outputs.aux_loss, expected)
+
+
+def test_fully_ignored_batch_gives_zero_loss_not_nan():
+    model = seg_model()
+    outputs = model(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 255))
+    assert torch.isfinite(outputs.loss)
+    torch.testing.assert_close(outputs.loss - outputs.aux_loss, torch.tensor(0.0))
+
+
+def test_custom_ignore_index_from_the_task_entry():
+    model = seg_model(ignore_index=-1)
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[0, 0] = -1
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32), labels=labels).loss)
+    labels[0, 0] = 255
+    with pytest.raises(ValueError, match=r"values \[255\].*ignore index -1"):
+        model(torch.randn(1, 3, 32, 32), labels=labels)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([[[0, 1], [5, 7]]]), r"values \[5, 7\]; accepted are class ids in \[0, 2\)"),
+        (torch.tensor([[[0, -3]]]), r"values \[-3\]"),
+        (torch.zeros(1, 2, 2), "must be integer class ids, got dtype torch.float32"),
+        (torch.zeros(1, 4, dtype=torch.long), r"shape \(batch_size=1, height, width\), got \(1, 4\)"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), r"got \(2, 4, 4\)"),
+    ],
+)
+def test_bad_labels_raise(labels, message):
+    with pytest.raises(ValueError, match=message):
+        seg_model()(torch.randn(1, 3, 32, 32), labels=labels)
+
+
+def test_bad_decoder_channels_raise():
+    with pytest.raises(ValueError, match="decoder_channels must be a positive int, got -4"):
+        seg_model(decoder_channels=-4)
+
+
+def test_processor_targets_feed_the_model():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(2)]
+    maps = [rng.integers(0, 2, (40, 60)) for _ in range(2)]
+    maps[0][:5] = 255
+    batch = ModSquadImageProcessor(size={"height": 32, "width": 48})(
+        images, segmentation_maps=maps, return_tensors="pt"
+    )
+    outputs = seg_model()(**batch)
+    assert batch["labels"].shape == (2, 32, 48) and outputs.logits.shape == (2, 2, 16, 24)
+    assert torch.isfinite(outputs.loss)
+
+
+def test_post_process_resizes_then_takes_argmax():
+    processor = ModSquadImageProcessor()
+    logits = torch.randn(2, 3, 8, 8)
+    outputs = ModSquadSemanticSegmenterOutput(logits=logits)
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70), (20, 10)])
+    assert [tuple(m.shape) for m in maps] == [(50, 70), (20, 10)]
+    assert all(m.dtype == torch.long for m in maps)
+    expected = nn.functional.interpolate(logits[1:], size=(20, 10), mode="bilinear", align_corners=False)
+    assert torch.equal(maps[1], expected[0].argmax(0))
+    native = processor.post_process_semantic_segmentation(outputs)
+    assert torch.equal(native[0], logits[0].argmax(0))
+    with_scores = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=torch.tensor([[16, 16], [4, 4]]), return_segmentation_scores=True
+    )
+    assert with_scores[0].segmentation_scores.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="got 1 target sizes for a batch of 2"):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4)])
+    with pytest.raises(ValueError, match=r"target_sizes\[1\] must be a \(height, width\) pair"):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4), (4, 0)])
+
+
+def test_image_segmentation_pipeline(saved_folder):
+    segmenter = pipeline("image-segmentation", model=str(saved_folder))
+    assert isinstance(segmenter.model, ModSquadForSemanticSegmentation)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    results = segmenter(image)
+    assert results and {r["label"] for r in results} <= {"background", "shape"}
+    for result in results:
+        assert result["score"] is None
+        assert result["mask"].mode == "L" and result["mask"].size == (70, 50)
+    # the masks of a semantic map cover every pixel exactly once
+    coverage = sum(np.asarray(r["mask"], dtype=np.int64) // 255 for r in results)
+    assert (coverage == 1).all()
+
+
+def test_save_load_round_trip_and_auto_class(saved_folder):
+    original = ModSquadForSemanticSegmentation.from_pretrained(saved_folder).eval()
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(saved_folder).eval()
+    assert type(loaded) is ModSquadForSemanticSegmentation
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(original(pixel_values).logits, loaded(pixel_values).logits)
+    assert (
+        type(AutoModelForSemanticSegmentation.from_config(loaded.config)) is ModSquadForSemanticSegmentation
+    )
+
+
+def test_loads_one_task_out_of_a_multi_task_checkpoint(tmp_path):
+    tasks = [ALL_TASKS[0], SEG_TASK, dict(ALL_TASKS[3], decoder_channels=8)]
+    multi = ModSquadForMultiTask(tiny_config(tasks)).eval()
+    multi.save_pretrained(tmp_path)
+    model = ModSquadForSemanticSegmentation.from_pretrained(tmp_path, task="seg").eval()
+    assert model.task == "seg" and list(model.heads) == ["seg"]
+    assert model.config.id2label == {0: "background", 1: "shape"}
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, multi(pixel_values, task="seg").logits)
+
+
+def test_head_missing_from_the_checkpoint_is_initialised(tmp_path):
+    # A classification checkpoint has no segmentation head: _init_weights must cover every one of its weights
+    # (anything it misses would stay uninitialised memory).
+    config = tiny_config([ALL_TASKS[0], SEG_TASK])
+    ModSquadForImageClassification(config, task="cls").save_pretrained(tmp_path)
+    model = ModSquadForSemanticSegmentation.from_pretrained(tmp_path, task="seg")
+    for name, module in model.heads.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.weight.numel() > 100:  # truncated normal, std = initializer_range
+                assert 0.01 < module.weight.std() < 0.03, name
+            assert module.bias is None or torch.equal(module.bias, torch.zeros_like(module.bias)), name
+        elif isinstance(module, nn.LayerNorm):
+            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+
+
+@pytest.fixture
+def one_thread():
+    # A few hundred tiny convolutions per step: threads mostly wait on each other on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_learns_to_segment_shapes(one_thread):
+    pixel_values, masks = shapes_dataset(num_images=8)
+    model = ModSquadForSemanticSegmentation(tiny_config([dict(SEG_TASK, decoder_channels=32)]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(80):
+        loss = model(pixel_values, labels=masks).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    predicted = ModSquadImageProcessor().post_process_semantic_segmentation(
+        ModSquadSemanticSegmenterOutput(logits=logits), target_sizes=[(32, 32)] * len(masks)
+    )
+    predicted = torch.stack(predicted)
+    ious = [((predicted == c) & (masks == c)).sum() / ((predicted == c) | (masks == c)).sum() for c in (0, 1)]
+    assert sum(ious) / 2 > 0.9, ious

@@ -1,0 +1,142 @@
+"""Sparse upcycling: ModSquad models built from small random dense ViT / DeiT / DINOv2 checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from conftest import ALL_TASKS
+from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadModel
+
+DENSE_SHAPE = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"
+)
+MOE = dict(num_experts=4, num_experts_per_tok=2, tasks=[ALL_TASKS[0]])
+TOLERANCE = dict(atol=2e-5, rtol=1e-5)
+
+
+def randomised(model):
+    """A dense model with weights far from their init (unit layer scales or zero biases would hide mapping bugs)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+def vit() -> ViTModel:
+    return randomised(ViTModel(ViTConfig(intermediate_size=128, **DENSE_SHAPE)))
+
+
+def dinov2() -> Dinov2Model:
+    return randomised(Dinov2Model(Dinov2Config(mlp_ratio=2, **DENSE_SHAPE)))
+
+
+def dense_hidden_states(dense, sequence: torch.Tensor) -> list[torch.Tensor]:
+    """The dense model's blocks run on a given token sequence: its embeddings, every block output, the final norm."""
+    blocks = dense.encoder.layer if dense.config.model_type == "dinov2" else dense.layers
+    states = [sequence]
+    for block in blocks:
+        states.append(block(states[-1]))
+    return [*states, dense.layernorm(states[-1])]
+
+
+def upcycled_hidden_states(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    output = model.base_model(pixel_values, output_hidden_states=True)
+    return [*output.hidden_states, output.last_hidden_state]
+
+
+@pytest.mark.parametrize("moe_layers", ["all", "every_other"])
+@pytest.mark.parametrize("make_dense", [vit, dinov2], ids=["vit", "dinov2"])
+def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_layers):
+    dense = make_dense()
+    dense.save_pretrained(tmp_path)
+    model = ModSquadModel.from_dense(str(tmp_path), moe_layers=moe_layers, **MOE)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = upcycled_hidden_states(model, pixel_values)
+        dense_embeddings = dense.embeddings(pixel_values)
+        # The embeddings are the dense ones with the task token inserted after [CLS]...
+        assert torch.equal(torch.cat((ours[0][:, :1], ours[0][:, 2:]), dim=1), dense_embeddings)
+        # ...and every block, fed that sequence, computes what the dense block does.
+        reference = dense_hidden_states(dense, ours[0])
+        routed = model(pixel_values).expert_indices
+    assert len(ours) == len(reference)
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, i=i: f"hidden state {i}: {m}")
+    # Random routers spread the tokens over the (identical) experts: the equality is not a one-expert accident.
+    assert all(indices.unique().numel() == 4 for indices in routed)
+
+
+def test_upcycled_deit_equals_the_dense_deit_end_to_end():
+    dense = randomised(DeiTModel(DeiTConfig(intermediate_size=128, **DENSE_SHAPE)))
+    model = ModSquadModel.from_dense(dense, moe_layers="all", **MOE)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = dense(pixel_values, output_hidden_states=True)
+        output = model(pixel_values, output_hidden_states=True)
+    for a, b in zip(output.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCE)
+    torch.testing.assert_close(output.last_hidden_state, expected.last_hidden_state, **TOLERANCE)
+
+
+def test_upcycled_attention_experts_copy_the_dense_attention():
+    dense = dinov2()
+    model = ModSquadModel.from_dense(dense, moe_layers=[1, 3], moe_attention=True, **MOE)
+    assert model.config.attention_expert_heads == 4
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = upcycled_hidden_states(model, pixel_values)
+        reference = dense_hidden_states(dense, ours[0])
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCE)
+
+
+def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path):
+    dense = randomised(
+        ViTForImageClassification(ViTConfig(intermediate_size=128, num_labels=7, **DENSE_SHAPE))
+    )
+    tasks = [ALL_TASKS[0], ALL_TASKS[3]]
+    model = ModSquadForImageClassification.from_dense(
+        dense, tasks=tasks, num_experts=4, num_experts_per_tok=2
+    )
+    config = model.config
+    assert (config.expert_intermediate_size, config.intermediate_size, config.layer_norm_eps) == (
+        128,
+        128,
+        1e-12,
+    )
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = upcycled_hidden_states(model, pixel_values)
+        reference = dense_hidden_states(dense.vit, ours[0])
+        logits = model(pixel_values).logits
+    torch.testing.assert_close(ours[-1], reference[-1], **TOLERANCE)
+
+    model.save_pretrained(tmp_path)
+    loaded = ModSquadForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values).logits, logits)
+    assert isinstance(ModSquadForMultiTask.from_pretrained(tmp_path), ModSquadForMultiTask)
+
+
+def test_from_dense_rejects_what_it_cannot_copy():
+    with pytest.raises(ValueError, match="takes \\['hidden_size'\\] from the dense checkpoint"):
+        ModSquadModel.from_dense(vit(), hidden_size=32, **MOE)
+    with pytest.raises(ValueError, match="attention_expert_heads=2"):
+        ModSquadModel.from_dense(vit(), moe_attention=True, attention_expert_heads=2, **MOE)
+    swiglu = Dinov2Model(Dinov2Config(use_swiglu_ffn=True, **DENSE_SHAPE))
+    with pytest.raises(ValueError, match="SwiGLU"):
+        ModSquadModel.from_dense(swiglu, **MOE)
+    with pytest.raises(ValueError, match="accepted dense model types"):
+        ModSquadModel.from_dense(ModSquadModel.from_dense(vit(), **MOE), **MOE)
+    with pytest.raises(ValueError, match="router_init_std must be >= 0"):
+        ModSquadModel.from_dense(vit(), router_init_std=-1.0, **MOE)
