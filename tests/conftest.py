@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import modsquad  # noqa: E402  (registers the Auto classes)
+import modsquad  # registers the Auto classes
 
 ALL_TASKS = [
     {"name": "cls", "type": "image-classification", "labels": ["circle", "square", "triangle"]},

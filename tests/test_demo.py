@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from modsquad.cli import main
@@ -13,6 +14,15 @@ from modsquad.demo import DEMO_RECIPE
 from modsquad.training_config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -35,6 +35,15 @@ MODEL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def recipe_file(tmp_path: Path, tasks: list[dict], **sections) -> Path:
     recipe = {
         "output_dir": str(tmp_path / "run"),

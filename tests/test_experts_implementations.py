@@ -15,6 +15,7 @@ import modsquad.moe as moe
 from conftest import tiny_config
 from modsquad import SORTED_MM, ModSquadForImageClassification
 from modsquad.benchmark import MoECase, format_table, measure_case
+from modsquad.cli import main
 from modsquad.modeling_modsquad import eager_attention_forward
 from modsquad.moe import ExpertDispatch, ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
 
@@ -77,8 +78,8 @@ ROUTINGS = {
 
 
 def _sparse_mlp(num_experts: int, top_k: int, norm_topk_prob: bool, routing: str):
-    """A randomly initialised MoE MLP and tokens for it. `skewed`: the first expert takes most tokens and the last
-    expert none (a constant input feature pushes their router logits far up and far down)."""
+    """A randomly initialised MoE MLP and tokens for it. `skewed`: every token picks the first expert and none the
+    last (a constant input feature pushes their router logits far up and far down)."""
     config = tiny_config(
         num_experts=num_experts,
         num_experts_per_tok=top_k,
@@ -268,7 +269,14 @@ def test_benchmark_times_every_kernel_against_dense_and_skips_batched_mm_trainin
     assert by_key[("batched_mm", "fwd+bwd")].skipped.startswith("forward only")
     for m in measurements:
         if m.skipped is None:
-            assert m.moe_ms > 0 and m.dense_ms > 0
+            assert m.moe_ms > 0 and m.dense_ms > 0 and m.best_ratio > 0
             assert m.ratio == pytest.approx(m.moe_ms / m.dense_ms)
     table = format_table(case, measurements)
     assert "sorted_mm" in table and "skipped: forward only" in table
+
+
+def test_benchmark_command_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="--repeats must be at least 1"):
+        main(["benchmark", "moe", "--repeats", "0"])
+    with pytest.raises(SystemExit):  # argparse lists the accepted implementations
+        main(["benchmark", "moe", "--implementations", "sonicmoe"])

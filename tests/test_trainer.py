@@ -28,6 +28,15 @@ TWO_TASKS = [
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     # Accelerate keeps process-wide singletons; each training run of these tests starts from a clean slate.
     AcceleratorState._reset_state(True)

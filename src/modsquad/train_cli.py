@@ -1,10 +1,13 @@
 """`modsquad train`: multi-task training from a YAML recipe, with `dotted.key=value` overrides.
 
 Single process: `modsquad train --config training/configs/demo.yaml training.max_steps=100`.
-Several processes: `accelerate launch --num_processes 2 training/train.py --config ... ` (same arguments).
+Several processes: `accelerate launch --multi_gpu --num_processes 2 training/train.py --config ...` (same arguments;
+on a machine without GPUs this starts two CPU processes joined by gloo, whereas `--cpu --num_processes 2` starts
+only one), or `accelerate launch --config_file training/accelerate/cpu_2proc.yaml training/train.py ...`.
 Single-task baseline of the same active size: `--only-task seg model.config.moe_layers=[]` (dense MLPs as wide as
-the active experts). Resume after an interruption (SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest checkpoint of the
-run folder) or `--resume path/to/checkpoints/step_00000200`. An interrupted run exits with `128 + signal`.
+the active experts). Resume after an interruption (SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest
+checkpoint of the run folder) or `--resume path/to/checkpoints/step_00000200`. An interrupted run exits with
+`128 + signal`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         nargs="?",
         const="latest",
-        help="resume from a checkpoint folder, or from the newest one of the run folder when no path is given",
+        help="resume from a checkpoint folder, or from the newest one of the run folder when no path is given "
+        "(write it after any KEY=VALUE overrides, or give `latest` explicitly)",
     )
     parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
     parser.add_argument("--seed", type=int, help="overrides the recipe's seed")
