@@ -4,6 +4,11 @@ The MoE layer (router + experts, `ModSquadSparseMLP`) does exactly the FLOPs of 
 is `top_k * expert_intermediate_size`, so `moe / dense` measures the pure overhead of routing: sort, gather,
 scatter and many small GEMMs instead of one large one. Dense and MoE timings are interleaved repeat by repeat and
 summarised by their medians, so a machine shared with other processes slows both alike and the ratio holds.
+
+One effect interleaving cannot cancel: with several threads, every parallel operation waits for all of them, and
+on a CPU other processes keep busy that wait can last a scheduler time slice (milliseconds). The MoE layer runs
+more parallel operations than a dense MLP (router, gather, combine), so its ratio grows with the machine's load;
+`--threads 1` has no such waits and shows the kernels' own cost.
 """
 
 from __future__ import annotations

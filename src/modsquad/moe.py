@@ -3,17 +3,16 @@
 The experts keep their weights as 3-D parameters (`[num_experts, out, in]`) and go through Transformers' experts
 dispatch (`use_experts_implementation`), so `experts_implementation="eager" | "grouped_mm" | "batched_mm" | ...`
 picks the kernel as for Mixtral or Qwen-MoE. This module also registers `"sorted_mm"`, the default: tokens are sorted
-by expert once, each projection is one batched GEMM over equal blocks of rows per expert (plus one GEMM per expert
-for rows beyond the block, or per-expert GEMMs only when tokens crowd a few experts), and a hand-written backward
-writes every expert's weight gradient straight into one buffer (autograd through `weight[e]` would materialise a
-full `[num_experts, out, in]` gradient per expert, which is what makes the stock eager backward slow on CPU).
+by expert once, each projection is one GEMM per expert over exactly its rows (no padding, so an expert's result
+never depends on the others), and a hand-written backward writes every expert's weight gradient straight into one
+buffer (autograd through `weight[e]` would materialise a full `[num_experts, out, in]` gradient per expert, which is
+what makes the stock eager backward slow on CPU).
 
 This file is also shipped as remote code next to checkpoints: it imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,231 +27,135 @@ SORTED_MM = "sorted_mm"
 
 
 # --------------------------------------------------------------------------------------------- grouped kernel
-# Fixed cost of one more GEMM call, in rows of GEMM work, when several threads share a GEMM: each call is one
-# more synchronisation of all of them, which on a machine other processes keep busy costs as much as hundreds of
-# rows (a single thread only pays the call, and packed rows waste nothing: see `batched_capacity`).
-GEMM_OVERHEAD_ROWS = 256
-
-
-def batched_capacity(counts: list[int]) -> int:
-    """Rows per expert of the batched GEMM that make one grouped projection cheapest.
-
-    The batched GEMM costs `num_experts * capacity` rows, padding included; every expert with more rows gets a
-    GEMM of its own for the rest, costing those rows plus `GEMM_OVERHEAD_ROWS`. Tokens spread evenly over the
-    experts give the largest count (one batched GEMM); an outlier expert gets its own GEMM; tokens crowding a few
-    experts (zero-initialised routers) give 0, the packed layout. With a single CPU thread GEMM calls are cheap
-    and padding is the only waste, so rows are always packed.
-
-    Args:
-        counts (`list[int]`): rows of each expert.
-
-    Returns:
-        `int`: the capacity; 0 for no batched GEMM.
-    """
-    if torch.get_num_threads() == 1:
-        return 0
-
-    def cost(capacity: int) -> int:
-        overflow = [count - capacity for count in counts if count > capacity]
-        return len(counts) * capacity + sum(overflow) + GEMM_OVERHEAD_ROWS * len(overflow)
-
-    return min(sorted({0, *counts}), key=cost)
-
-
 @dataclass
 class ExpertDispatch:
     """Token-expert slots of one routing decision, grouped by expert.
 
-    Slots are the `(token, k)` pairs of `top_k_index` in row-major order. The experts read them as grouped rows:
-    first `capacity` rows per expert (its first slots, then padding rows), which one batched GEMM serves, then the
-    overflow, each expert's slots beyond `capacity`, back to back in expert order, one GEMM per expert. With
-    `capacity=0` every row is overflow: the packed layout, one GEMM per expert and no padding. Padding rows read
-    token 0 and get a zero routing weight, so they add nothing to outputs or gradients.
+    Slots are the `(token, k)` pairs of `top_k_index` in row-major order. The experts read them as rows sorted by
+    expert (stably, so each expert sees its tokens in token order), back to back without padding: expert `e` owns
+    rows `[sum(counts[:e]), sum(counts[:e + 1]))` and gets one GEMM of exactly its rows. An expert's result depends
+    only on its own rows, never on how many experts the layer has or how the others are loaded, which is what keeps
+    a grown model's old tasks bit-identical (`continual.add_task`).
 
     Attributes:
-        order: `(slots,)` slot positions sorted by expert (stable).
-        token_of_slot: `(slots,)` the token each sorted slot reads (`order // top_k`).
-        counts: slots per expert.
-        capacity: rows per expert of the batched GEMM; 0 for none.
-        row_of_slot: `(slots,)` the grouped row of each slot, in slot order.
-        token_of_row: `(rows,)` the token each grouped row reads.
+        order: `(slots,)` slot positions sorted by expert (stable); row `r` serves slot `order[r]`.
+        token_of_slot: `(slots,)` the token each row reads (`order // top_k`).
+        counts: rows per expert.
+        row_of_slot: `(slots,)` the row of each slot, in slot order (the inverse permutation of `order`).
     """
 
     order: torch.Tensor
     token_of_slot: torch.Tensor
     counts: list[int]
-    capacity: int
     row_of_slot: torch.Tensor
-    token_of_row: torch.Tensor
 
     @property
     def num_rows(self) -> int:
-        """Grouped rows: the slots plus the padding rows of the batched blocks."""
-        return self.token_of_row.shape[0]
+        """Grouped rows: one per slot."""
+        return self.order.shape[0]
 
     @classmethod
-    def from_indices(
-        cls,
-        top_k_index: torch.Tensor,
-        num_experts: int,
-        choose_capacity: Callable[[list[int]], int] | None = None,
-    ) -> ExpertDispatch:
+    def from_indices(cls, top_k_index: torch.Tensor, num_experts: int) -> ExpertDispatch:
         """Sorts the slots of `top_k_index` by expert.
 
         Args:
             top_k_index (`torch.LongTensor` of shape `(tokens, top_k)`): chosen experts.
             num_experts (`int`): number of experts.
-            choose_capacity (`Callable[[list[int]], int]`, *optional*): picks the batched capacity from the slot
-                counts of the experts (e.g. [`batched_capacity`]); by default rows are packed.
         """
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts_tensor = torch.bincount(flat, minlength=num_experts)
-        counts = counts_tensor.tolist()  # the one host sync of a layer
+        counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync of a layer
         token_of_slot = order // top_k_index.shape[-1]
-        capacity = choose_capacity(counts) if choose_capacity is not None and flat.numel() else 0
-        if capacity == 0:
-            row_of_sorted, token_of_row = torch.arange(flat.shape[0], device=flat.device), token_of_slot
-        else:
-            # The j-th sorted slot is slot `rank` of its expert: in the expert's block while rank < capacity,
-            # else in the expert's overflow segment.
-            expert = flat.index_select(0, order)
-            rank = (
-                torch.arange(flat.shape[0], device=flat.device)
-                - (counts_tensor.cumsum(0) - counts_tensor)[expert]
-            )
-            overflow = (counts_tensor - capacity).clamp_min(0)
-            overflow_start = num_experts * capacity + overflow.cumsum(0) - overflow
-            row_of_sorted = torch.where(
-                rank < capacity, expert * capacity + rank, overflow_start[expert] + rank - capacity
-            )
-            num_rows = num_experts * capacity + int(sum(max(0, count - capacity) for count in counts))
-            token_of_row = order.new_zeros(num_rows).index_copy_(0, row_of_sorted, token_of_slot)
-        row_of_slot = torch.empty_like(order).index_copy_(0, order, row_of_sorted)
-        return cls(order, token_of_slot, counts, capacity, row_of_slot, token_of_row)
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        row_of_slot = torch.empty_like(order).index_copy_(0, order, rows)
+        return cls(order, token_of_slot, counts, row_of_slot)
 
 
-def _overflow_segments(counts: list[int], capacity: int) -> list[tuple[int, int, int]]:
-    """`(expert, start row, rows)` of each expert's rows beyond the batched blocks."""
-    segments, start = [], len(counts) * capacity
+def _expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """`(expert, first row, end row)` of every expert with rows."""
+    segments, start = [], 0
     for expert, count in enumerate(counts):
-        if count > capacity:
-            segments.append((expert, start, count - capacity))
-            start += count - capacity
+        if count:
+            segments.append((expert, start, start + count))
+        start += count
     return segments
 
 
 class _SortedGroupedLinear(torch.autograd.Function):
     """`y[rows of e] = x[rows of e] @ weight[e].T + bias[e]` for rows grouped by expert (see `ExpertDispatch`).
 
-    The backward writes every expert's weight gradient straight into one `(num_experts, out, in)` buffer: the
-    batched GEMM writes it whole, overflow GEMMs add into it (or, without blocks, write their expert's slice). The
-    gradient reaching padding rows must be zero, which a zero routing weight guarantees.
+    One GEMM per expert with rows, each writing its slice of the output in place. The backward writes every
+    expert's weight gradient straight into one `(num_experts, out, in)` buffer; autograd through `weight[e]`
+    would materialise a full zero-filled gradient per expert, which is what makes the stock eager backward slow.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts: list[int], capacity: int):
+    def forward(ctx, x, weight, bias, counts: list[int]):
         x = x.to(weight.dtype)
-        num_experts, out_features, in_features = weight.shape
-        blocks = num_experts * capacity
-        out = x.new_empty(x.shape[0], out_features)
-        if capacity:
-            x_blocks = x[:blocks].view(num_experts, capacity, in_features)
-            out_blocks = out[:blocks].view(num_experts, capacity, out_features)
-            if bias is None:
-                torch.bmm(x_blocks, weight.transpose(1, 2), out=out_blocks)
-            else:
-                torch.baddbmm(bias.unsqueeze(1), x_blocks, weight.transpose(1, 2), out=out_blocks)
-        for expert, start, rows in _overflow_segments(counts, capacity):
-            end = start + rows
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for expert, start, end in _expert_segments(counts):
             if bias is None:
                 torch.mm(x[start:end], weight[expert].t(), out=out[start:end])
             else:
                 torch.addmm(bias[expert], x[start:end], weight[expert].t(), out=out[start:end])
         ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.capacity, ctx.has_bias = counts, capacity, bias is not None
+        ctx.counts, ctx.has_bias = counts, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        counts, capacity = ctx.counts, ctx.capacity
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         grad_out = grad_out.contiguous()
-        num_experts, out_features, in_features = weight.shape
-        blocks = num_experts * capacity
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = grad_b = None
-        if capacity:
-            grad_blocks = grad_out[:blocks].view(num_experts, capacity, out_features)
-            if need_x:
-                torch.bmm(grad_blocks, weight, out=grad_x[:blocks].view(num_experts, capacity, in_features))
-            if need_w:
-                x_blocks = x[:blocks].view(num_experts, capacity, in_features)
-                grad_w = torch.bmm(grad_blocks.transpose(1, 2), x_blocks)
-            if need_b:
-                grad_b = grad_blocks.sum(dim=1)
-        else:
-            # Experts with rows get their gradient written whole by their GEMM; only the others need zeros.
-            empty = [expert for expert, count in enumerate(counts) if count == 0]
-            if need_w:
-                grad_w = torch.empty_like(weight)
-                grad_w[empty] = 0
-            if need_b:
-                grad_b = weight.new_empty(num_experts, out_features)
-                grad_b[empty] = 0
-        for expert, start, rows in _overflow_segments(counts, capacity):
-            end = start + rows
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = weight.new_empty(weight.shape[:2]) if need_b else None
+        # Experts with rows get their gradient written whole by their GEMM; only the others need zeros.
+        for expert, count in enumerate(ctx.counts):
+            if count == 0:
+                for grad in (grad_w, grad_b):
+                    if grad is not None:
+                        grad[expert].zero_()
+        for expert, start, end in _expert_segments(ctx.counts):
             g = grad_out[start:end]
             if need_x:
                 torch.mm(g, weight[expert], out=grad_x[start:end])
-            if need_w and capacity:
-                grad_w[expert].addmm_(g.t(), x[start:end])
-            elif need_w:
+            if need_w:
                 torch.mm(g.t(), x[start:end], out=grad_w[expert])
-            if need_b and capacity:
-                grad_b[expert] += g.sum(dim=0)
-            elif need_b:
+            if need_b:
                 torch.sum(g, dim=0, out=grad_b[expert])
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def sorted_grouped_linear(
-    x_sorted: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    counts: list[int],
-    capacity: int = 0,
+    x_sorted: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int]
 ) -> torch.Tensor:
     """Per-expert linear map of rows grouped by expert.
 
     Args:
-        x_sorted (`torch.Tensor` of shape `(rows, in)`): rows grouped by expert as [`ExpertDispatch`] lays them
-            out: `capacity` rows per expert first, then each expert's overflow rows in expert order.
+        x_sorted (`torch.Tensor` of shape `(rows, in)`): rows sorted by expert, `counts[e]` rows of expert `e`.
         weight (`torch.Tensor` of shape `(num_experts, out, in)`): expert weights.
         bias (`torch.Tensor` of shape `(num_experts, out)`, *optional*): expert biases.
         counts (`list[int]`): rows of each expert.
-        capacity (`int`, *optional*, defaults to 0): rows per expert of the batched GEMM; 0 packs every row.
 
     Returns:
         `torch.Tensor` of shape `(rows, out)`.
     """
-    return _SortedGroupedLinear.apply(x_sorted, weight, bias, counts, capacity)
+    return _SortedGroupedLinear.apply(x_sorted, weight, bias, counts)
 
 
 class _GatherRows(torch.autograd.Function):
-    """`hidden[token_of_row]`: the grouped rows the experts read.
+    """`hidden[token_of_slot]`: the grouped rows the experts read.
 
-    The backward sums the `top_k` rows of each token with one `embedding_bag` (gather and sum in one pass) and
-    never reads the padding rows.
+    The backward sums the `top_k` rows of each token with one `embedding_bag` (gather and sum in one pass).
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
         ctx.dispatch = dispatch
         ctx.num_tokens = hidden.shape[0]
-        return hidden.index_select(0, dispatch.token_of_row)
+        return hidden.index_select(0, dispatch.token_of_slot)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
@@ -264,8 +167,8 @@ class _CombineRows(torch.autograd.Function):
     """`out[t] = sum_k weights[t, k] * rows[row_of_slot[t, k]]`: each token's routing-weighted sum of its expert
     outputs, as one `embedding_bag` with per-sample weights.
 
-    The backward gives row `r` the gradient `weight_r * grad_out[token_r]` (zero on padding rows, which is what
-    lets the padded GEMMs ignore them) and each routing weight `grad_out[t] . rows[row_of_slot[t, k]]`.
+    The backward gives row `r` the gradient `weight_r * grad_out[token_r]` and each routing weight
+    `grad_out[t] . rows[row_of_slot[t, k]]`.
     """
 
     @staticmethod
@@ -283,11 +186,9 @@ class _CombineRows(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_rows = grad_weights = None
         if ctx.needs_input_grad[0]:
-            weight_of_row = weights.new_zeros(dispatch.num_rows).index_copy_(
-                0, dispatch.row_of_slot, weights.reshape(-1)
-            )
+            weight_of_row = weights.reshape(-1).index_select(0, dispatch.order)
             grad_rows = F.embedding_bag(
-                dispatch.token_of_row.unsqueeze(-1),
+                dispatch.token_of_slot.unsqueeze(-1),
                 grad_out,
                 per_sample_weights=weight_of_row.unsqueeze(-1),
                 mode="sum",
@@ -301,13 +202,16 @@ class _CombineRows(torch.autograd.Function):
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward registered as `experts_implementation="sorted_mm"` (GELU experts with biases, no gate)."""
-    dispatch = ExpertDispatch.from_indices(top_k_index, self.num_experts, batched_capacity)
+    """Experts forward registered as `experts_implementation="sorted_mm"` (GELU experts with biases, no gate).
+
+    Gathers every token's rows in expert order, runs both projections as one GEMM per expert over exactly its
+    rows, and sums each token's expert outputs by routing weight. Outputs and gradients (input, expert weights and
+    biases, routing weights) are the eager loop's up to float rounding.
+    """
+    dispatch = ExpertDispatch.from_indices(top_k_index, self.num_experts)
     x = _GatherRows.apply(hidden_states, dispatch)
-    h = self.act_fn(
-        sorted_grouped_linear(x, self.up_proj, self.up_proj_bias, dispatch.counts, dispatch.capacity)
-    )
-    y = sorted_grouped_linear(h, self.down_proj, self.down_proj_bias, dispatch.counts, dispatch.capacity)
+    h = self.act_fn(sorted_grouped_linear(x, self.up_proj, self.up_proj_bias, dispatch.counts))
+    y = sorted_grouped_linear(h, self.down_proj, self.down_proj_bias, dispatch.counts)
     return _CombineRows.apply(y, top_k_weights, dispatch).to(hidden_states.dtype)
 
 

@@ -39,15 +39,15 @@ def load_task_splits(task: TaskRecipe, demo_cache: dict | None = None) -> tuple[
             raise ValueError(
                 f"tasks.{task.name}.dataset: unknown demo keys {unknown}; accepted: {list(DEMO_KEYS)}"
             )
-        key = tuple(sorted(spec.items()))
+        demo_tasks = [entry["name"] for entry in demo_task_configs()]
+        if demo_task not in demo_tasks:
+            raise ValueError(f"tasks.{task.name}: no demo task {demo_task!r}; demo tasks are {demo_tasks}")
+        # Several recipe tasks may read one generated task (e.g. two orders of one dataset): generate it once.
+        key = (demo_task, *sorted(spec.items()))
         cache = demo_cache if demo_cache is not None else {}
         if key not in cache:
-            cache[key] = make_demo_datasets(**spec)
-        if demo_task not in cache[key]:
-            raise ValueError(
-                f"tasks.{task.name}: no demo task {demo_task!r}; demo tasks are {sorted(cache[key])}"
-            )
-        splits = cache[key][demo_task]
+            cache[key] = make_demo_datasets(**spec, tasks=[demo_task])[demo_task]
+        splits = cache[key]
     else:
         if not spec:
             raise ValueError(

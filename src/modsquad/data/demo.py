@@ -24,6 +24,7 @@ from PIL import ImageDraw
 from .demo_drawing import (
     SHAPES,
     add_clutter,
+    contrasting_colour,
     draw_shape,
     finish_image,
     gradient_background,
@@ -38,6 +39,9 @@ SEG_LABELS = ["background", "circle", "square", "triangle"]
 TASK_STREAMS = {"cls": 0, "det": 1, "seg": 2, "depth": 3}
 SPLITS = ("train", "validation")
 MAX_DEPTH = 10.0
+# Colour change across a shapes-scene background: enough to vary, small enough that a shape contrasting with the
+# background at its centre contrasts with it everywhere.
+BACKGROUND_SPREAD = 70.0
 
 
 def demo_task_configs() -> list[dict]:
@@ -82,7 +86,7 @@ def _place_shape(rng: np.random.Generator, size: int, radius: float) -> tuple[fl
 
 
 def classification_scene(rng: np.random.Generator, size: int, index: int) -> dict:
-    background = gradient_background(rng, size)
+    background = gradient_background(rng, size, spread=BACKGROUND_SPREAD)
     image = PILImage.fromarray(background.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     add_clutter(draw, rng, size, int(rng.integers(1, 5)))
@@ -94,7 +98,7 @@ def classification_scene(rng: np.random.Generator, size: int, index: int) -> dic
     cx, cy = rng.uniform(low, high, size=2)
     local = background[int(cy), int(cx)]
     angle = rng.uniform(-0.3, 0.3)
-    draw_shape(draw, CLS_LABELS[label], cx, cy, radius, angle, random_colour(rng, local, min_distance=120.0))
+    draw_shape(draw, CLS_LABELS[label], cx, cy, radius, angle, contrasting_colour(rng, local))
     # Sometimes a small blob or line in front, so the outline is not always complete.
     add_clutter(draw, rng, size, int(rng.random() < 0.3))
     return {
@@ -104,7 +108,7 @@ def classification_scene(rng: np.random.Generator, size: int, index: int) -> dic
 
 
 def detection_scene(rng: np.random.Generator, size: int, index: int) -> dict:
-    background = gradient_background(rng, size)
+    background = gradient_background(rng, size, spread=BACKGROUND_SPREAD)
     image = PILImage.fromarray(background.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     add_clutter(draw, rng, size, int(rng.integers(1, 5)))
@@ -122,7 +126,7 @@ def detection_scene(rng: np.random.Generator, size: int, index: int) -> dict:
         placed.append((cx, cy, radius))
         category = int(rng.integers(len(DET_LABELS)))
         angle = rng.uniform(0, 2 * math.pi)
-        colour = random_colour(rng, background[int(cy), int(cx)])
+        colour = contrasting_colour(rng, background[int(cy), int(cx)])
         draw_shape(draw, DET_LABELS[category], cx, cy, radius, angle, colour)
         # The box is the tight box of the pixels actually drawn.
         mask = shape_mask(size, DET_LABELS[category], cx, cy, radius, angle)
@@ -148,7 +152,7 @@ def detection_scene(rng: np.random.Generator, size: int, index: int) -> dict:
 
 
 def segmentation_scene(rng: np.random.Generator, size: int, index: int) -> dict:
-    background = gradient_background(rng, size)
+    background = gradient_background(rng, size, spread=BACKGROUND_SPREAD)
     image = PILImage.fromarray(background.astype(np.uint8))
     annotation = PILImage.new("L", (size, size), 0)
     draw, label_draw = ImageDraw.Draw(image), ImageDraw.Draw(annotation)
@@ -159,7 +163,7 @@ def segmentation_scene(rng: np.random.Generator, size: int, index: int) -> dict:
         radius = rng.uniform(0.1, 0.25) * size
         cx, cy = _place_shape(rng, size, radius)
         angle = rng.uniform(0, 2 * math.pi)
-        colour = random_colour(rng, background[int(cy), int(cx)])
+        colour = contrasting_colour(rng, background[int(cy), int(cx)])
         draw_shape(draw, SEG_LABELS[category], cx, cy, radius, angle, colour)
         draw_shape(label_draw, SEG_LABELS[category], cx, cy, radius, angle, category)
     pixels = np.asarray(image, dtype=np.float64)

@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross")
+# ITU-R BT.601 luma weights of R, G, B.
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def shape_polygon(
@@ -64,9 +66,26 @@ def random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None, min
     return tuple(int(c) for c in colour)
 
 
-def gradient_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """`(size, size, 3)` float background: a linear blend of two random colours in a random direction."""
-    start, end = rng.uniform(0, 255, size=(2, 3))
+def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_contrast: float = 80.0):
+    """A random RGB colour (uint8 triple) whose luminance differs from `background`'s by at least `min_contrast`.
+
+    Contrast in luminance, not merely in RGB distance: a shape's outline is then a brightness edge, which a linear
+    patch embedding can detect whatever the two hues are.
+    """
+    background_luma = float(LUMA @ np.asarray(background, dtype=np.float64))
+    for _ in range(100):
+        colour = rng.integers(0, 256, size=3)
+        if abs(float(LUMA @ colour) - background_luma) >= min_contrast:
+            return tuple(int(c) for c in colour)
+    # Mid-grey backgrounds leave few candidates: fall back to the farther of black and white.
+    return (0, 0, 0) if background_luma > 127.5 else (255, 255, 255)
+
+
+def gradient_background(rng: np.random.Generator, size: int, spread: float = 255.0) -> np.ndarray:
+    """`(size, size, 3)` float background: a linear blend, in a random direction, of a random colour and another one
+    at most `spread` away in every channel."""
+    start = rng.uniform(0, 255, size=3)
+    end = np.clip(start + rng.uniform(-spread, spread, size=3), 0, 255)
     angle = rng.uniform(0, 2 * math.pi)
     grid = np.linspace(-0.5, 0.5, size)
     ramp = math.cos(angle) * grid[None, :] + math.sin(angle) * grid[:, None] + 0.5
@@ -97,6 +116,7 @@ def finish_image(pixels: np.ndarray, rng: np.random.Generator, noise_std: float)
 __all__ = [
     "SHAPES",
     "add_clutter",
+    "contrasting_colour",
     "draw_shape",
     "finish_image",
     "gradient_background",
