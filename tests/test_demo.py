@@ -56,6 +56,18 @@ def test_demo_writes_the_whole_run_folder(tmp_path, capsys):
     assert (out / "logs" / "tracker" / "metrics.csv").is_file()
     assert load_recipe(out / "recipe.yaml").training.max_steps == 3
 
+    # Every task pruned into a standalone model with its card, checked against the full model.
+    pruning = {row["task"]: row for row in summary["pruning"]}
+    assert set(pruning) == {"cls", "det", "seg", "depth"}
+    for task, row in pruning.items():
+        folder = out / "tasks" / task
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
+            assert (folder / name).is_file(), (task, name)
+        assert row["params_after"] <= row["params_before"]
+        assert row["max_abs_diff"] is not None and row["metric_before"] is not None
+    assert "params pruned" in printed
+    assert {row["task"] for row in json.loads((out / "pruning.json").read_text())} == set(pruning)
+
 
 def test_demo_yaml_is_the_demo_recipe():
     from_file = load_recipe(REPO / "training" / "configs" / "demo.yaml")

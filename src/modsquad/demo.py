@@ -2,14 +2,18 @@
 
 Generates the synthetic "shapes scenes" benchmark (four tasks, four datasets: classification, detection,
 segmentation, depth), trains one multi-task MoE model on all of them with SIMT mixing (every step a batch of every
-task, one mutual-information loss over them), evaluates every task with its metric next to a trivial baseline, and
-plots which experts each task uses. The run folder (default `runs/demo-<timestamp>`) holds:
+task, one mutual-information loss over them), evaluates every task with its metric next to a trivial baseline,
+plots which experts each task uses, and prunes every task into a small standalone model. The run folder (default
+`runs/demo-<timestamp>`) holds:
 
 - `final/`: the trained model and its image processor (`from_pretrained`-ready);
 - `metrics.json`: per-task metrics and baselines (also printed as a table); `eval_results.json`: every metric;
 - `expert_usage/layer<i>_<mlp|attention>.png` and `expert_usage.json`: task-by-expert usage on validation data;
 - `training_log.jsonl`, `logs/`: the loss curve (per task, MI loss, learning rate) and tracker files;
-- `recipe.yaml`: the exact recipe, re-runnable with `modsquad train --config`.
+- `recipe.yaml`: the exact recipe, re-runnable with `modsquad train --config`;
+- `tasks/<task>/`: every task pruned to the experts it uses (standalone `ModSquadFor<Type>` with its processor,
+  usage heat-map and model card), checked against the full model; `pruning.json` holds the comparison (metric,
+  parameters, weight size, load time, largest output difference), also printed as a table.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ import numpy as np
 
 # The demo recipe (training/configs/demo.yaml is the same recipe, as a file; a test keeps them equal). Sized for
 # ~10 minutes on 2 CPU cores: 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE (8 experts, top-2).
+# Pruning at the end: each task keeps, per router, the experts with more than this share of its selections on its
+# first training images (a rarely used expert is dropped; 0 would keep every expert ever chosen).
+DEMO_PRUNE_THRESHOLD = 0.02
+DEMO_CALIBRATION_IMAGES = 128
+# What metrics.json keeps of each pruning row (the full rows are in pruning.json).
+PRUNING_SUMMARY_KEYS = (
+    "task", "folder", "threshold", "experts_text", "metric", "metric_before", "metric_after", "params_before",
+    "params_after", "bytes_before", "bytes_after", "max_abs_diff", "routing_agreement",
+)  # fmt: skip
 DEMO_DATA = {"demo": True, "num_train": 512, "num_val": 64, "image_size": 64, "seed": 0}
 DEMO_RECIPE: dict[str, Any] = {
     "output_dir": "runs/demo",
@@ -79,19 +92,12 @@ DEMO_RECIPE: dict[str, Any] = {
         "loss_weighting": "fixed",
     },
     "training": {
-        "max_steps": 300,
+        "max_steps": 800,
         "log_every": 10,
         "eval_every": 0,
         "save_every": 0,
         "tracker": "csv",
     },
-}
-# The number each task is judged by, and whether higher is better.
-HEADLINE_METRICS = {
-    "image-classification": ("accuracy", True),
-    "object-detection": ("map_50", True),
-    "semantic-segmentation": ("mean_iou", True),
-    "depth-estimation": ("delta1", True),
 }
 
 
@@ -200,11 +206,67 @@ def trivial_baselines(datasets: dict, tasks) -> dict[str, float]:
     return baselines
 
 
+def prune_every_task(run_dir: Path, tasks, threshold: float) -> list[dict]:
+    """Prunes every demo task into `RUN/tasks/<task>/` (with its card), calibrating on the first
+    `DEMO_CALIBRATION_IMAGES` training images of the task, and scores the full and the pruned model on the task's
+    validation split. Returns the rows of [`prune_run`]."""
+    from transformers import AutoImageProcessor
+
+    from .run_folder import RunFolder
+    from .run_pruning import calibration_loader, prune_run
+
+    run = RunFolder.open(run_dir)
+    config = run.config()
+    processor = AutoImageProcessor.from_pretrained(run.model_dir)
+    loaders, validation, options = {}, {}, {}
+    for task in tasks:
+        loaders[task.name] = calibration_loader(
+            config.get_task(task.name),
+            processor,
+            task.train_dataset,
+            samples=DEMO_CALIBRATION_IMAGES,
+            batch_size=task.eval_batch_size,
+            columns=task.eval_columns,
+        )
+        if task.eval_dataset is not None:
+            validation[task.name] = task.eval_dataset
+            options[task.name] = {
+                "batch_size": task.eval_batch_size,
+                "columns": task.eval_columns,
+                "max_samples": task.max_eval_samples,
+                **task.eval_options,
+            }
+    return prune_run(run.root, loaders, threshold, validation_datasets=validation, evaluation_options=options)
+
+
+def pruning_table(rows: list[dict]) -> str:
+    """Task, headline metric of the full and the pruned model, parameters of both, and the largest output
+    difference on the calibration images."""
+    lines = [
+        f"{'task':<8}{'metric':<10}{'full':>8}{'pruned':>8}{'params full':>14}{'params pruned':>15}{'max |diff|':>12}"
+    ]
+    for row in rows:
+        diff = row.get("max_abs_diff")
+        lines.append(
+            f"{row['task']:<8}{row.get('metric') or '-':<10}{row.get('metric_before', float('nan')):>8.3f}"
+            f"{row.get('metric_after', float('nan')):>8.3f}{row['params_before']:>14,}{row['params_after']:>15,}"
+            f"{diff if diff is not None else float('nan'):>12.1e}"
+        )
+    return "\n".join(lines)
+
+
+def headline_metric(task_type: str) -> str:
+    """The metric a task type is judged by in the demo's tables."""
+    from .evaluation import HEADLINE_METRICS
+
+    return HEADLINE_METRICS[task_type][0]
+
+
 def metrics_table(metrics: dict[str, dict[str, float]], task_types: dict[str, str], baselines: dict) -> str:
     """A plain-text table: task, metric, value, trivial baseline."""
     lines = [f"{'task':<8}{'metric':<12}{'value':>10}{'baseline':>10}"]
     for task, values in metrics.items():
-        name, _ = HEADLINE_METRICS[task_types[task]]
+        name = headline_metric(task_types[task])
         baseline = baselines.get(task)
         shown = f"{baseline:>10.3f}" if baseline is not None else f"{'':>10}"
         lines.append(f"{task:<8}{name:<12}{values.get(name, float('nan')):>10.3f}{shown}")
@@ -231,6 +293,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-val", type=int, help=f"validation images per task (default {DEMO_DATA['num_val']})"
     )
     parser.add_argument("--seed", type=int, help="seed of the data, the model and the training")
+    parser.add_argument(
+        "--prune-threshold",
+        type=float,
+        default=DEMO_PRUNE_THRESHOLD,
+        help="keep, per task and router, the experts with more than this share of the task's selections on its "
+        f"calibration images (default {DEMO_PRUNE_THRESHOLD}; 0 keeps every expert the task used)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `modsquad train`"
     )
@@ -267,24 +336,30 @@ def run(args: argparse.Namespace) -> int:
     (output_dir / "expert_usage.json").write_text(
         json.dumps({name: table.tolist() for name, table in zip(names, usage)}, indent=1)
     )
+    mapped = time.perf_counter()
+    pruning_rows = prune_every_task(output_dir, tasks, args.prune_threshold)
     finished = time.perf_counter()
     summary = {
         "metrics": result.metrics,
         "headline": {
-            task: {HEADLINE_METRICS[task_types[task]][0]: values.get(HEADLINE_METRICS[task_types[task]][0])}
+            task: {headline_metric(task_types[task]): values.get(headline_metric(task_types[task]))}
             for task, values in result.metrics.items()
         },
         "baselines": baselines,
+        "pruning": [{key: row.get(key) for key in PRUNING_SUMMARY_KEYS} for row in pruning_rows],
         "steps": result.step,
         "seconds": {
             "data": round(generated - started, 1),
             "training_and_evaluation": round(trained - generated, 1),
-            "usage_maps": round(finished - trained, 1),
+            "usage_maps": round(mapped - trained, 1),
+            "pruning": round(finished - mapped, 1),
             "total": round(finished - started, 1),
         },
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(metrics_table(result.metrics, task_types, baselines))
+    print(f"\npruned task models (threshold {args.prune_threshold}) in {output_dir / 'tasks'}:")
+    print(pruning_table(pruning_rows))
     print(
         f"done in {summary['seconds']['total']:.0f} s; model in {result.final_dir}, heat-maps in {usage_dir}"
     )

@@ -13,6 +13,14 @@ from .data.schemas import TaskSchema, image_size, task_schema
 from .image_processing_modsquad import ModSquadImageProcessor
 from .metrics import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
 
+# The number each task type is judged by (in tables, model cards, pruning reports), and whether higher is better.
+HEADLINE_METRICS: dict[str, tuple[str, bool]] = {
+    "image-classification": ("accuracy", True),
+    "object-detection": ("map_50", True),
+    "semantic-segmentation": ("mean_iou", True),
+    "depth-estimation": ("delta1", True),
+}
+
 
 def task_metric(
     task: Mapping[str, Any], min_depth: float | None = None, max_depth: float | None = None
@@ -198,4 +206,11 @@ def _schema(
     return task_schema(task_type, columns, **options)
 
 
-__all__ = ["evaluate_model", "flatten_metrics", "predictions_at_original_size", "resolve_task", "task_metric"]
+__all__ = [
+    "HEADLINE_METRICS",
+    "evaluate_model",
+    "flatten_metrics",
+    "predictions_at_original_size",
+    "resolve_task",
+    "task_metric",
+]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from .data.schemas import parse_columns
 from .run_folder import RunFolder
-from .run_pruning import format_prune_table, prune_run
+from .run_pruning import calibration_loader, format_prune_table, prune_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,14 +81,6 @@ def _per_task(values: list[str], separator: str, tasks: list[str], option: str) 
     return parsed
 
 
-def _calibration_loader(entry: dict, processor: Any, dataset: Any, samples: int, batch_size: int, columns):
-    from .data.loading import TaskDataAdapter, build_task_dataloader
-
-    dataset = dataset.select(range(min(samples, len(dataset))))
-    adapter = TaskDataAdapter(entry, processor, train=False, columns=columns)
-    return build_task_dataloader(dataset, adapter, batch_size, shuffle=False, drop_last=False)
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs `modsquad prune`; returns the exit status."""
     for name in ("calibration_samples", "batch_size", "max_eval_samples"):
@@ -112,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         for task, source in datasets.items():
             entry = config.get_task(task)
             calibration = load_split(source, split=args.calibration_split or args.split)
-            loaders[task] = _calibration_loader(
+            loaders[task] = calibration_loader(
                 entry, processor, calibration, args.calibration_samples, args.batch_size, columns.get(task)
             )
             if not args.no_eval:

@@ -48,6 +48,40 @@ def _evaluate(
     return evaluate_model(model, processor, dataset, **dict(options))
 
 
+def _headline_metric(task_type: str, metrics: Mapping[str, float]) -> str | None:
+    """The task type's headline metric when it was computed, else the first metric."""
+    from .evaluation import HEADLINE_METRICS
+
+    headline = HEADLINE_METRICS.get(task_type, (None, True))[0]
+    return headline if headline in metrics else next(iter(metrics), None)
+
+
+def calibration_loader(
+    entry: Mapping[str, Any],
+    processor: Any,
+    dataset: Any,
+    samples: int = 256,
+    batch_size: int = 8,
+    columns: Mapping[str, str] | None = None,
+) -> Iterable:
+    """Batches of the first `samples` rows of `dataset` (a task's Hub schema), resized and normalised by
+    `processor` without augmentation: the calibration data [`prune_run`] collects usage on and checks against.
+
+    Args:
+        entry (`Mapping`): the task's entry in the model config (`config.get_task(name)`).
+        processor ([`ModSquadImageProcessor`]): the model's image processor.
+        dataset (`datasets.Dataset`): rows in the task's column schema.
+        samples (`int`, *optional*, defaults to 256): rows used at most.
+        batch_size (`int`, *optional*, defaults to 8): images per batch.
+        columns (`Mapping[str, str]`, *optional*): column renames, as for [`TaskDataAdapter`].
+    """
+    from .data.loading import TaskDataAdapter, build_task_dataloader
+
+    dataset = dataset.select(range(min(samples, len(dataset))))
+    adapter = TaskDataAdapter(dict(entry), processor, train=False, columns=columns)
+    return build_task_dataloader(dataset, adapter, batch_size, shuffle=False, drop_last=False)
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -186,7 +220,7 @@ def prune_run(
             options = evaluation_options.get(name, {})
             row["metrics_before"] = _evaluate(before, processor, validation_datasets[name], options)
             row["metrics_after"] = _evaluate(after, processor, validation_datasets[name], options)
-            row["metric"] = next(iter(row["metrics_before"]), None)
+            row["metric"] = _headline_metric(entry["type"], row["metrics_before"])
             row["metric_before"] = row["metrics_before"].get(row["metric"])
             row["metric_after"] = row["metrics_after"].get(row["metric"])
         rows.append(row)
@@ -243,4 +277,4 @@ def format_prune_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(text)
 
 
-__all__ = ["format_prune_table", "prune_run"]
+__all__ = ["calibration_loader", "format_prune_table", "prune_run"]
