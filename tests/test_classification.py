@@ -141,3 +141,32 @@ def test_tiny_model_learns_three_visual_classes():
             break
     assert first_loss == pytest.approx(math.log(3), abs=0.3)  # started from chance
     assert accuracy() >= 0.9
+
+
+def test_a_checkpoint_gets_a_new_head_the_transformers_way(tmp_path):
+    """`from_pretrained(path, id2label=..., ignore_mismatched_sizes=True)` relabels the single task: new classifier,
+    every other weight loaded; a multi-task checkpoint asks for per-task labels instead."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    ModSquadForImageClassification(tiny_config()).save_pretrained(tmp_path / "model")
+    labels = ["ant", "bee", "fly", "moth", "wasp"]
+    model = AutoModelForImageClassification.from_pretrained(
+        tmp_path / "model",
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    original = ModSquadForImageClassification.from_pretrained(tmp_path / "model")
+    task = model.config.tasks[0]
+    assert task["id2label"] == dict(enumerate(labels)) and task["num_labels"] == 5
+    assert model.config.id2label == dict(enumerate(labels))
+    assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)
+    new_state, old_state = model.state_dict(), original.state_dict()
+    for name, tensor in old_state.items():
+        if "classifier" not in name:
+            assert torch.equal(new_state[name], tensor), name
+    assert AutoConfig.from_pretrained(tmp_path / "model", num_labels=3).tasks[0]["num_labels"] == 3
+
+    ModSquadForImageClassification(tiny_config(tasks=ALL_TASKS[:2])).save_pretrained(tmp_path / "multi")
+    with pytest.raises(ValueError, match="relabel a single labelled task, but this config has 2"):
+        AutoConfig.from_pretrained(tmp_path / "multi", num_labels=3)

@@ -126,6 +126,7 @@ def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(tmp_path, 
     make_run_folder(tmp_path / "run", [CLS_TASK, SEG_TASK])
     _shapes_dataset(tmp_path / "cls-data")
     args = ["prune", str(tmp_path / "run"), "--task", "cls", "--dataset", f"cls={tmp_path / 'cls-data'}"]
+    args += ["--threshold", "0"]
     assert main([*args, "--batch-size", "3", "--json", str(tmp_path / "rows.json")]) == 0
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["metric"] == "accuracy" and row["metric_after"] == row["metric_before"]

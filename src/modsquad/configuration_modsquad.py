@@ -452,6 +452,17 @@ class ModSquadConfig(PreTrainedConfig):
     def tasks_of_type(self, task_type: str) -> list[str]:
         return [t["name"] for t in self.tasks if t["type"] == task_type]
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """As [`PreTrainedConfig.from_dict`]; `id2label` / `label2id` / `num_labels` keyword arguments relabel the
+        config's single labelled task, so that the usual way to put a new head on a checkpoint works:
+        `AutoModelForImageClassification.from_pretrained(path, id2label=..., label2id=..., ignore_mismatched_sizes=True)`.
+        """
+        relabel = {key: kwargs.pop(key) for key in ("id2label", "label2id", "num_labels") if key in kwargs}
+        if relabel:
+            config_dict = _relabel_single_task(config_dict, relabel)
+        return super().from_dict(config_dict, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         # JSON keys are strings; keep them that way explicitly so a round trip is stable.
@@ -460,6 +471,38 @@ class ModSquadConfig(PreTrainedConfig):
             for t in self.tasks
         ]
         return output
+
+
+def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with its only labelled task's labels replaced by `relabel` (`id2label` and/or `num_labels`)."""
+    tasks = config_dict.get("tasks") or []
+    labelled = [
+        i for i, t in enumerate(tasks) if isinstance(t, dict) and t.get("type") in LABELLED_TASK_TYPES
+    ]
+    if len(labelled) != 1:
+        names = [tasks[i].get("name") for i in labelled]
+        raise ValueError(
+            f"{sorted(relabel)} relabel a single labelled task, but this config has {len(labelled)} ({names}); "
+            "give the labels per task in `tasks` instead"
+        )
+    task = {
+        k: v
+        for k, v in tasks[labelled[0]].items()
+        if k not in ("labels", "id2label", "label2id", "num_labels")
+    }
+    if relabel.get("id2label") is not None:
+        task["id2label"] = relabel["id2label"]
+        if relabel.get("num_labels") is not None:
+            task["num_labels"] = relabel["num_labels"]
+    elif relabel.get("num_labels") is not None:
+        task["num_labels"] = relabel["num_labels"]
+    else:
+        raise ValueError("label2id alone cannot relabel a task: give id2label (or num_labels) too")
+    new_tasks = list(tasks)
+    new_tasks[labelled[0]] = task
+    # The top-level labels mirror the task's (see `__post_init__`): drop the old ones so they are derived again.
+    dropped = ("id2label", "label2id", "num_labels", "tasks")
+    return {**{k: v for k, v in config_dict.items() if k not in dropped}, "tasks": new_tasks}
 
 
 __all__ = ["TASK_TYPES", "ModSquadConfig"]

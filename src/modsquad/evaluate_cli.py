@@ -23,14 +23,7 @@ from .configuration_modsquad import ModSquadConfig
 from .data.loading import load_split
 from .data.schemas import BBOX_FORMATS, parse_columns
 from .evaluation import evaluate_model
-
-# task type -> the Auto class that loads a single-task model of that type (registered in modsquad/__init__.py)
-AUTO_CLASSES = {
-    "image-classification": "AutoModelForImageClassification",
-    "semantic-segmentation": "AutoModelForSemanticSegmentation",
-    "object-detection": "AutoModelForObjectDetection",
-    "depth-estimation": "AutoModelForDepthEstimation",
-}
+from .pruning import AUTO_CLASS_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +80,7 @@ def load_for_evaluation(checkpoint: str, task: str | None, device: str | None = 
             raise ValueError(f"{checkpoint!r} has tasks {config.task_names}; pick one with --task")
         task = config.task_names[0]
     entry = config.get_task(task)
-    auto_class = getattr(transformers, AUTO_CLASSES[entry["type"]])
+    auto_class = getattr(transformers, AUTO_CLASS_NAMES[entry["type"]])
     model = auto_class.from_pretrained(checkpoint, task=entry["name"])
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,4 +142,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AUTO_CLASSES", "add_arguments", "format_table", "load_for_evaluation", "run"]
+__all__ = ["add_arguments", "format_table", "load_for_evaluation", "run"]

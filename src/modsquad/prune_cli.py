@@ -15,6 +15,7 @@ import argparse
 import json
 
 from .data.schemas import parse_columns
+from .pruning import DEFAULT_PRUNE_THRESHOLD
 from .run_folder import RunFolder
 from .run_pruning import calibration_loader, format_prune_table, prune_run
 
@@ -28,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=0.0,
-        help="keep experts with more than this share of a router's selections (default 0: every expert used)",
+        default=DEFAULT_PRUNE_THRESHOLD,
+        help="keep experts with more than this share of a router's selections (default "
+        f"{DEFAULT_PRUNE_THRESHOLD}; 0 keeps every expert used, and the outputs on the calibration data)",
     )
     parser.add_argument(
         "--min-experts", type=int, help="experts kept at least per router (default: the router's top-k)"

@@ -35,6 +35,9 @@ EXPERT_TENSORS = {
     "attention": ("q_proj", "q_proj_bias", "o_proj", "o_proj_bias"),
 }
 # Output fields that describe routing, which pruning renumbers, rather than predictions.
+# Threshold of `modsquad prune` and the demo: an expert that gets at most 2% of a task's selections in a router is
+# dropped for that task. (`prune_for_task` itself defaults to 0, which keeps the outputs on the calibration data.)
+DEFAULT_PRUNE_THRESHOLD = 0.02
 ROUTING_FIELDS = ("loss", "aux_loss", "router_logits", "router_probs", "expert_indices")
 
 
@@ -346,6 +349,7 @@ def compare_pruned_outputs(
 
 __all__ = [
     "AUTO_CLASS_NAMES",
+    "DEFAULT_PRUNE_THRESHOLD",
     "compare_pruned_outputs",
     "kept_experts_per_router",
     "model_class_for_task_type",
