@@ -31,7 +31,8 @@ import numpy as np
 from .pruning import DEFAULT_PRUNE_THRESHOLD
 
 # The demo recipe (training/configs/demo.yaml is the same recipe, as a file; a test keeps them equal). Sized for
-# ~7 minutes on 2 CPU cores (under 10): 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE (8 experts, top-2).
+# ~7 minutes on 2 CPU cores (under 10): 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE
+# (8 experts, top-2).
 # Pruning at the end calibrates on each task's first training images.
 DEMO_CALIBRATION_IMAGES = 128
 # What metrics.json keeps of each pruning row (the full rows are in pruning.json).
