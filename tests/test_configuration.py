@@ -193,3 +193,25 @@ def test_single_task_config_exposes_labels_at_top_level(tmp_path):
     assert multi_label.problem_type == "multi_label_classification"
     # A depth task has no labels: the only labelled task still provides the top-level ones.
     assert tiny_config([ALL_TASKS[3], ALL_TASKS[1]]).id2label == {0: "background", 1: "shape"}
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (
+            {"output_stride": 3},
+            r"output_stride=3 must divide patch_size=8; accepted strides are \[1, 2, 4, 8\]",
+        ),
+        ({"head_channels": 0}, "head_channels must be a positive int, got 0"),
+        ({"box_loss_coef": "big"}, "box_loss_coef must be a positive number, got 'big'"),
+    ],
+)
+def test_head_options_are_checked_when_the_config_is_built(task, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config([{"name": "det", "type": "object-detection", "num_labels": 2, **task}])
+    with pytest.raises(ValueError, match="silog_lambda must be a number in"):
+        tiny_config([{"name": "depth", "type": "depth-estimation", "silog_lambda": -1}])
+    with pytest.raises(ValueError, match="decoder_channels must be a positive int"):
+        tiny_config(
+            [{"name": "seg", "type": "semantic-segmentation", "num_labels": 2, "decoder_channels": 1.5}]
+        )

@@ -133,9 +133,9 @@ def test_bad_labels_raise(labels, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"max_depth": 0}, "max_depth must be > 0, got 0.0"),
-        ({"max_depth": "far"}, "max_depth must be a number, got 'far'"),
-        ({"silog_lambda": 1.5}, r"silog_lambda must be in \[0, 1\], got 1.5"),
+        ({"max_depth": 0}, "max_depth must be a positive number, got 0"),
+        ({"max_depth": "far"}, "max_depth must be a positive number, got 'far'"),
+        ({"silog_lambda": 1.5}, r"silog_lambda must be a number in \[0, 1\], got 1.5"),
         ({"decoder_channels": 0}, "decoder_channels must be a positive int, got 0"),
     ],
 )

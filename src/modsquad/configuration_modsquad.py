@@ -19,6 +19,39 @@ MOE_LAYER_PRESETS = ("all", "every_other")
 LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
 
 
+# Head options a task entry may set, per task type: option -> (default, kind). The heads read them through
+# `task_option`, and the config checks every one that is given when it is built.
+TASK_OPTIONS: dict[str, dict[str, tuple[float, str]]] = {
+    "object-detection": {
+        "output_stride": (4, "positive int"),  # pixels per output cell; must divide patch_size
+        "head_channels": (64, "positive int"),
+        "heatmap_loss_coef": (1.0, "positive number"),
+        "box_loss_coef": (2.0, "positive number"),
+    },
+    "semantic-segmentation": {"decoder_channels": (256, "positive int")},
+    "depth-estimation": {
+        "decoder_channels": (256, "positive int"),
+        "max_depth": (10.0, "positive number"),  # in label units; the head predicts max_depth * sigmoid(x)
+        "silog_lambda": (0.5, "number in [0, 1]"),
+    },
+}
+
+
+def task_option(task: dict[str, Any], key: str) -> float:
+    """The head option `key` of a task entry (see `TASK_OPTIONS`), or its default; a ValueError names a bad value."""
+    default, kind = TASK_OPTIONS[task["type"]][key]
+    value = task.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    valid = {
+        "positive int": number and isinstance(value, int) and value > 0,
+        "positive number": number and value > 0,
+        "number in [0, 1]": number and 0 <= value <= 1,
+    }[kind]
+    if not valid:
+        raise ValueError(f"task {task.get('name')!r}: {key} must be a {kind}, got {value!r}")
+    return value
+
+
 def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
     """Checks one task entry and returns it in canonical form (int-keyed `id2label`, derived fields filled)."""
     if not isinstance(entry, dict):
@@ -71,6 +104,9 @@ def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
         ignore_index = task.setdefault("ignore_index", 255)
         if not isinstance(ignore_index, int):
             raise ValueError(f"task {name!r}: ignore_index must be an int, got {ignore_index!r}")
+    for key in TASK_OPTIONS.get(task_type, {}):
+        if key in task:
+            task_option(task, key)
     return task
 
 
@@ -256,6 +292,13 @@ class ModSquadConfig(PreTrainedConfig):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tasks has duplicate names {duplicates}; every task needs its own name")
+        for task in self.tasks:
+            if task["type"] == "object-detection" and self.patch_size % task_option(task, "output_stride"):
+                raise ValueError(
+                    f"task {task['name']!r}: output_stride={task['output_stride']} must divide patch_size="
+                    f"{self.patch_size}; accepted strides are "
+                    f"{[s for s in range(1, self.patch_size + 1) if self.patch_size % s == 0]}"
+                )
 
     def _validate_moe(self) -> None:
         layers = self.moe_layer_indices  # validates moe_layers
@@ -505,4 +548,4 @@ def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -
     return {**{k: v for k, v in config_dict.items() if k not in dropped}, "tasks": new_tasks}
 
 
-__all__ = ["TASK_TYPES", "ModSquadConfig"]
+__all__ = ["TASK_OPTIONS", "TASK_TYPES", "ModSquadConfig", "task_option"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .configuration_modsquad import ModSquadConfig
+from .configuration_modsquad import ModSquadConfig, task_option
 from .modeling_modsquad import NUM_PREFIX_TOKENS
 
 # Resampling factors relative to the patch grid, finest first (ViTDet: 4x, 2x, 1x, 1/2x).
@@ -162,12 +162,9 @@ class ModSquadFeaturePyramid(nn.Module):
         return levels
 
 
-def dense_head_channels(task: dict, default: int = 256) -> int:
+def dense_head_channels(task: dict) -> int:
     """Width of a dense head's pyramid and decoder: the task entry's `decoder_channels` (default 256)."""
-    channels = task.get("decoder_channels", default)
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise ValueError(f"task {task['name']!r}: decoder_channels must be a positive int, got {channels!r}")
-    return channels
+    return task_option(task, "decoder_channels")
 
 
 __all__ = [

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import DepthEstimatorOutput
 
+from .configuration_modsquad import task_option
 from .feature_pyramid import ModSquadFeaturePyramid, dense_head_channels
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 from .modeling_modsquad import register_remote_code
@@ -90,14 +91,8 @@ class ModSquadDepthEstimationHead(TaskHead):
 
     def __init__(self, config, task: dict):
         super().__init__(config, task)
-        self.max_depth = depth_option(task, "max_depth", 10.0)
-        self.silog_lambda = depth_option(task, "silog_lambda", 0.5)
-        if self.max_depth <= 0:
-            raise ValueError(f"task {task['name']!r}: max_depth must be > 0, got {self.max_depth}")
-        if not 0.0 <= self.silog_lambda <= 1.0:
-            raise ValueError(
-                f"task {task['name']!r}: silog_lambda must be in [0, 1], got {self.silog_lambda}"
-            )
+        self.max_depth = float(task_option(task, "max_depth"))
+        self.silog_lambda = float(task_option(task, "silog_lambda"))
         channels = dense_head_channels(task)
         self.pyramid = ModSquadFeaturePyramid(config, channels)
         self.fusion = nn.ModuleList(ModSquadFusionBlock(channels) for _ in self.pyramid.scales)
@@ -131,14 +126,6 @@ class ModSquadDepthEstimationHead(TaskHead):
             hidden_states=backbone_output.hidden_states,
             **routing_fields(backbone_output),
         )
-
-
-def depth_option(task: dict, key: str, default: float) -> float:
-    """A numeric option of a depth task entry, as a float (ValueError for anything but a real number)."""
-    value = task.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"task {task['name']!r}: {key} must be a number, got {value!r}")
-    return float(value)
 
 
 def check_depth_labels(labels: torch.Tensor, batch_size: int) -> None:

@@ -15,15 +15,11 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import xyxy_to_cxcywh
+from .configuration_modsquad import task_option
 from .loss_detection import detection_loss
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 from .modeling_modsquad import NUM_PREFIX_TOKENS, register_remote_code
 
-# Defaults of the task-entry options (see ModSquadObjectDetectionHead).
-DEFAULT_OUTPUT_STRIDE = 4
-DEFAULT_HEAD_CHANNELS = 64
-DEFAULT_HEATMAP_LOSS_COEF = 1.0
-DEFAULT_BOX_LOSS_COEF = 2.0
 # Initial heatmap probability (RetinaNet's 0.01): nearly all of the num_labels x cells are empty, and a higher start
 # (CenterNet's 0.1) lets their focal loss swamp the first steps of training with many classes.
 HEATMAP_PRIOR = 0.01
@@ -123,15 +119,6 @@ def prediction_branch(channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def _positive_option(task: dict, key: str, default: float, integer: bool) -> float:
-    value = task.get(key, default)
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        accepted = "a positive int" if integer else "a positive number"
-        raise ValueError(f"task {task['name']!r}: {key} must be {accepted}, got {value!r}")
-    return value
-
-
 @register_task_head
 class ModSquadObjectDetectionHead(TaskHead):
     """Anchor-free detection head (CenterNet's heatmaps with TTFNet's Gaussian-weighted GIoU box regression).
@@ -151,20 +138,11 @@ class ModSquadObjectDetectionHead(TaskHead):
     def __init__(self, config, task: dict):
         super().__init__(config, task)
         self.num_labels = task["num_labels"]
-        self.output_stride = _positive_option(task, "output_stride", DEFAULT_OUTPUT_STRIDE, integer=True)
-        if config.patch_size % self.output_stride:
-            raise ValueError(
-                f"task {task['name']!r}: output_stride={self.output_stride} must divide patch_size="
-                f"{config.patch_size}; accepted strides are "
-                f"{[s for s in range(1, config.patch_size + 1) if config.patch_size % s == 0]}"
-            )
-        channels = _positive_option(task, "head_channels", DEFAULT_HEAD_CHANNELS, integer=True)
-        self.heatmap_loss_coef = float(
-            _positive_option(task, "heatmap_loss_coef", DEFAULT_HEATMAP_LOSS_COEF, integer=False)
-        )
-        self.box_loss_coef = float(
-            _positive_option(task, "box_loss_coef", DEFAULT_BOX_LOSS_COEF, integer=False)
-        )
+        # Validated by the config (output_stride divides patch_size).
+        self.output_stride = task_option(task, "output_stride")
+        channels = task_option(task, "head_channels")
+        self.heatmap_loss_coef = float(task_option(task, "heatmap_loss_coef"))
+        self.box_loss_coef = float(task_option(task, "box_loss_coef"))
         self.patch_size = config.patch_size
         self.neck = DetectionNeck(config, channels, self.output_stride)
         self.heatmap = prediction_branch(channels, self.num_labels)
