@@ -67,9 +67,16 @@ def recipe_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .trainer import train
 
-    result = train(recipe_from_args(args))
+    try:
+        result = train(recipe_from_args(args))
+    finally:
+        # Several processes: leave the process group explicitly rather than in the interpreter's shutdown.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if result.interrupted is not None:
         print(
             f"interrupted at step {result.step}/{result.max_steps}; resume with --resume ({result.checkpoint})"

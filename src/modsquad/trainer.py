@@ -28,7 +28,6 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
-    gather_object,
     is_npu_available,
     is_xpu_available,
     send_to_device,
@@ -315,6 +314,25 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Tensors of the replica check's all-gather, kept for the life of the process. gloo's worker threads hold the last
+# collectives they ran until the process group is torn down; if those still point at tensors Python has dropped,
+# freeing them there needs the GIL, which the tearing-down main thread holds: a deadlock that now and then hung a
+# finished multi-process run. Tensors Python still references are freed without the GIL.
+_GATHER_BUFFERS: list[torch.Tensor] = []
+
+
+def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
+    """Every process's [`parameter_digest`] of `module`, in rank order."""
+    digest = parameter_digest(module)
+    if accelerator.num_processes == 1:
+        return [digest]
+    local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
+    gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(gathered, local)
+    _GATHER_BUFFERS.extend([local, *gathered])
+    return [bytes(tensor.cpu().tolist()).hex() for tensor in gathered]
+
+
 def _read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
     if not path.is_file():
         return []
@@ -502,7 +520,7 @@ def train(
     final_dir = None
     unwrapped = accelerator.unwrap_model(step_module)
     # Data-parallel replicas must end bit-identical; checking costs one hash per process and catches silent desyncs.
-    digests = gather_object([parameter_digest(unwrapped)])
+    digests = gather_parameter_digests(accelerator, unwrapped)
     if len(set(digests)) > 1:
         raise RuntimeError(
             f"the {len(digests)} data-parallel replicas ended with different parameters: {digests}"
