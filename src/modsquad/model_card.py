@@ -139,14 +139,14 @@ def _usage_source(usage: ExpertUsage) -> str:
 
 
 def _eval_results(
-    task: Mapping[str, Any], values: Mapping[str, float], dataset: str | None, model_name: str
+    task: Mapping[str, Any], values: Mapping[str, float], dataset: str | None
 ) -> list[EvalResult]:
     return [
         EvalResult(
             task_type=PIPELINE_TAGS[task["type"]],
             task_name=task["name"],
             dataset_type=dataset or "custom",
-            dataset_name=dataset or f"{model_name} {task['name']} data",
+            dataset_name=dataset or f"{task['name']} evaluation data",
             metric_type=name,
             metric_name=name,
             metric_value=float(value),
@@ -199,9 +199,7 @@ def render_multitask_card(
         result
         for task in config.tasks
         if task["name"] in metrics
-        for result in _eval_results(
-            task, metrics[task["name"]], hub_id(training_data.get(task["name"])), model_name
-        )
+        for result in _eval_results(task, metrics[task["name"]], hub_id(training_data.get(task["name"])))
     ]
     data = ModelCardData(
         library_name="transformers",
@@ -337,7 +335,7 @@ def render_task_card(
     report = dict(report or {})
     metrics_after = report.get("metrics_after") or {}
     dataset = hub_id(training_data, folder)
-    eval_results = _eval_results(task, metrics_after, dataset, model_name) if metrics_after else []
+    eval_results = _eval_results(task, metrics_after, dataset) if metrics_after else []
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[task["type"]],
