@@ -50,7 +50,7 @@ def test_demo_writes_the_whole_run_folder(tmp_path, capsys):
         assert (out / "final" / name).is_file()
     heatmaps = sorted(p.name for p in (out / "expert_usage").glob("*.png"))
     assert heatmaps == ["layer1_mlp.png", "layer3_mlp.png", "layer5_mlp.png"]
-    usage = json.loads((out / "expert_usage.json").read_text())
+    usage = json.loads((out / "expert_usage" / "fractions.json").read_text())
     assert all(sum(row) == pytest.approx(1.0) for table in usage.values() for row in table)
     assert len((out / "training_log.jsonl").read_text().splitlines()) >= 1
     assert (out / "logs" / "tracker" / "metrics.csv").is_file()

@@ -8,7 +8,8 @@ plots which experts each task uses, and prunes every task into a small standalon
 
 - `final/`: the trained model and its image processor (`from_pretrained`-ready);
 - `metrics.json`: per-task metrics and baselines (also printed as a table); `eval_results.json`: every metric;
-- `expert_usage/layer<i>_<mlp|attention>.png` and `expert_usage.json`: task-by-expert usage on validation data;
+- `expert_usage/layer<i>_<mlp|attention>.png` and `expert_usage/fractions.json`: task-by-expert usage on
+  validation data;
 - `training_log.jsonl`, `logs/`: the loss curve (per task, MI loss, learning rate) and tracker files;
 - `recipe.yaml`: the exact recipe, re-runnable with `modsquad train --config`;
 - `tasks/<task>/`: every task pruned to the experts it uses (standalone `ModSquadFor<Type>` with its processor,
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         plot_expert_usage(
             table, model.config.task_names, usage_dir / f"{name}.png", title=f"expert usage, {name}"
         )
-    (output_dir / "expert_usage.json").write_text(
+    (usage_dir / "fractions.json").write_text(
         json.dumps({name: table.tolist() for name, table in zip(names, usage)}, indent=1)
     )
     mapped = time.perf_counter()
