@@ -248,13 +248,17 @@ def pruning_table(rows: list[dict]) -> str:
         f"{'task':<8}{'metric':<10}{'full':>8}{'pruned':>8}{'params full':>14}{'params pruned':>15}{'max |diff|':>12}"
     ]
     for row in rows:
-        diff = row.get("max_abs_diff")
+        before, after, diff = (row.get(key) for key in ("metric_before", "metric_after", "max_abs_diff"))
         lines.append(
-            f"{row['task']:<8}{row.get('metric') or '-':<10}{row.get('metric_before', float('nan')):>8.3f}"
-            f"{row.get('metric_after', float('nan')):>8.3f}{row['params_before']:>14,}{row['params_after']:>15,}"
-            f"{diff if diff is not None else float('nan'):>12.1e}"
+            f"{row['task']:<8}{row.get('metric') or '-':<10}{_number(before, '8.3f')}{_number(after, '8.3f')}"
+            f"{row['params_before']:>14,}{row['params_after']:>15,}{_number(diff, '12.1e')}"
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return format(value, spec) if value is not None else "-".rjust(width)
 
 
 def headline_metric(task_type: str) -> str:
