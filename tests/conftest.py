@@ -41,3 +41,47 @@ def tiny_config(tasks: list[dict] | None = None, **overrides) -> modsquad.ModSqu
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: a second thread only adds synchronisation, and on a machine
+    other processes keep busy it made training steps several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons: every training run of a test starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def bright_shapes(
+    num_images: int, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dark noisy images (values in [0, 1]) with two bright squares or discs each, and the `(num_images, size,
+    size)` boolean map of shape pixels. Draws from `generator`, so a caller may go on drawing after it."""
+    images = 0.2 + 0.05 * torch.rand(num_images, 3, size, size, generator=generator)
+    shapes = torch.zeros(num_images, size, size, dtype=torch.bool)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for image, shape in zip(images, shapes):
+        for _ in range(2):
+            side = int(torch.randint(8, 15, (1,), generator=generator))
+            top, left = (int(v) for v in torch.randint(0, size - side, (2,), generator=generator))
+            if torch.rand(1, generator=generator) < 0.5:
+                inside = (yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)
+            else:
+                radius = side / 2
+                inside = (yy - top - radius + 0.5) ** 2 + (xx - left - radius + 0.5) ** 2 <= radius**2
+            image[:, inside] = 0.5 + 0.5 * torch.rand(3, 1, generator=generator)
+            shape |= inside
+    return images, shapes

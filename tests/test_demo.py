@@ -6,32 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from modsquad.cli import main
 from modsquad.demo import DEMO_RECIPE
 from modsquad.training_config import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_demo_writes_the_whole_run_folder(tmp_path, capsys):

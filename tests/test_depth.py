@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoModelForDepthEstimation, pipeline
 from transformers.modeling_outputs import DepthEstimatorOutput
 
-from conftest import ALL_TASKS, tiny_config
+from conftest import ALL_TASKS, bright_shapes, tiny_config
 from modsquad import (
     ModSquadDepthEstimatorOutput,
     ModSquadForDepthEstimation,
@@ -33,20 +33,10 @@ def shapes_depth_dataset(
     """Bright squares and discs at 1.5 m in front of a plane sloping from 3 m (top) to 5 m (bottom), on a dark noisy
     background; a few invalid (0) pixels per depth map."""
     generator = torch.Generator().manual_seed(seed)
-    images = 0.2 + 0.05 * torch.rand(num_images, 3, size, size, generator=generator)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, shapes = bright_shapes(num_images, size, generator)
+    yy = torch.arange(size).view(size, 1).expand(size, size)
     depth = (3.0 + 2.0 * yy / (size - 1)).expand(num_images, size, size).clone()
-    for image, depth_map in zip(images, depth):
-        for _ in range(2):
-            side = int(torch.randint(8, 15, (1,), generator=generator))
-            top, left = (int(v) for v in torch.randint(0, size - side, (2,), generator=generator))
-            if torch.rand(1, generator=generator) < 0.5:
-                inside = (yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)
-            else:
-                radius = side / 2
-                inside = (yy - top - radius + 0.5) ** 2 + (xx - left - radius + 0.5) ** 2 <= radius**2
-            image[:, inside] = 0.5 + 0.5 * torch.rand(3, 1, generator=generator)
-            depth_map[inside] = 1.5
+    depth[shapes] = 1.5
     labels = depth.clone()
     labels[torch.rand(labels.shape, generator=generator) < 0.05] = 0.0
     return (images - 0.5) / 0.5, labels
@@ -198,15 +188,6 @@ def test_loads_one_task_out_of_a_multi_task_checkpoint(tmp_path):
     with torch.no_grad():
         expected = multi(pixel_values, task="depth").predicted_depth
         torch.testing.assert_close(model(pixel_values).predicted_depth, expected)
-
-
-@pytest.fixture
-def one_thread():
-    # A few hundred tiny convolutions per step: threads mostly wait on each other on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learns_synthetic_depth(one_thread):

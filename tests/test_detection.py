@@ -22,6 +22,8 @@ from modsquad.box_ops import box_iou, cxcywh_to_xyxy
 from modsquad.loss_detection import detection_loss, detection_targets
 from modsquad.processing_detection import post_process_object_detection, prepare_detection_labels
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DET_TASK = ALL_TASKS[2]  # "det": circle (0), square (1)
 CLS_TASK = ALL_TASKS[0]
 
@@ -103,18 +105,8 @@ def _coco_ap(annotations: list[dict], detections: list[dict], size: int) -> tupl
     return float(evaluation.stats[0]), float(evaluation.stats[1])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: with the cores shared, one thread per process avoids oversubscription (which made
-    training steps ten times slower here) and costs nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     """A tiny detector trained for a few seconds on 8 generated 64x64 scenes resized to 32x32 by the processor."""
     torch.manual_seed(0)
     processor = ModSquadImageProcessor(size={"height": 32, "width": 32})

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from modsquad.trainer import train
 from modsquad.training_config import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "training" / "train.py"
 DEMO = {"demo": True, "num_train": 16, "num_val": 4, "image_size": 32, "seed": 0}
@@ -33,15 +35,6 @@ MODEL = {
     "moe_layers": "all",
     "mi_loss_coef": 0.1,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe_file(tmp_path: Path, tasks: list[dict], **sections) -> Path:

@@ -19,18 +19,10 @@ from modsquad.cli import main
 from modsquad.modeling_modsquad import eager_attention_forward
 from modsquad.moe import ExpertDispatch, ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HIDDEN = 64
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: a second thread only adds synchronisation, which costs seconds per test on a
-    machine other processes keep busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _runs_on_cpu(name: str) -> bool:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForSemanticSegmentation, pipeline
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from conftest import ALL_TASKS, tiny_config
+from conftest import ALL_TASKS, bright_shapes, tiny_config
 from modsquad import (
     ModSquadForImageClassification,
     ModSquadForMultiTask,
@@ -28,21 +28,8 @@ def seg_model(**task_options) -> ModSquadForSemanticSegmentation:
 
 def shapes_dataset(num_images: int = 16, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dark noisy backgrounds with two bright squares or discs each; the mask is 1 on shape pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    images = 0.2 + 0.05 * torch.rand(num_images, 3, size, size, generator=generator)
-    masks = torch.zeros(num_images, size, size, dtype=torch.long)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for image, mask in zip(images, masks):
-        for _ in range(2):
-            side = int(torch.randint(8, 15, (1,), generator=generator))
-            top, left = (int(v) for v in torch.randint(0, size - side, (2,), generator=generator))
-            if torch.rand(1, generator=generator) < 0.5:
-                inside = (yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)
-            else:
-                radius = side / 2
-                inside = (yy - top - radius + 0.5) ** 2 + (xx - left - radius + 0.5) ** 2 <= radius**2
-            image[:, inside] = 0.5 + 0.5 * torch.rand(3, 1, generator=generator)
-            mask[inside] = 1
+    images, shapes = bright_shapes(num_images, size, torch.Generator().manual_seed(seed))
+    masks = shapes.long()
     return (images - 0.5) / 0.5, masks
 
 
@@ -202,15 +189,6 @@ def test_head_missing_from_the_checkpoint_is_initialised(tmp_path):
         elif isinstance(module, nn.LayerNorm):
             assert torch.equal(module.weight, torch.ones_like(module.weight)), name
             assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
-
-
-@pytest.fixture
-def one_thread():
-    # A few hundred tiny convolutions per step: threads mostly wait on each other on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learns_to_segment_shapes(one_thread):

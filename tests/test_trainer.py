@@ -20,30 +20,13 @@ from modsquad.multitask_step import MultiTaskStep, TaskLossWeighting
 from modsquad.trainer import TaskData, train
 from modsquad.training_config import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 TWO_TASKS = [
     {"name": "colour", "type": "image-classification", "num_labels": 3},
     {"name": "bright", "type": "image-classification", "num_labels": 2},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation, and on a shared machine it costs a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # Accelerate keeps process-wide singletons; each training run of these tests starts from a clean slate.
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class ColourImages(Dataset):

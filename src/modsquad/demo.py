@@ -133,46 +133,37 @@ def demo_recipe(
 
 def router_names(config) -> list[str]:
     """Names of the routers in the order of `router_probs`: per MoE block, attention router (if any) then MLP's."""
-    names = []
-    for layer in config.moe_layer_indices:
-        if config.moe_attention:
-            names.append(f"layer{layer}_attention")
-        names.append(f"layer{layer}_mlp")
-    return names
+    from .expert_usage import router_layout
+
+    return [f"layer{slot.block}_{slot.kind}" for slot in router_layout(config)]
 
 
 def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarray]:
     """Per router, the `(num_tasks, num_experts)` fraction of each task's token slots routed to each expert, on
-    each task's evaluation data (plain resize, no augmentation)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .data.adapter import TaskDataAdapter
+    each task's evaluation data (plain resize, no augmentation); rows of tasks without such data are zeros."""
+    from .expert_usage import collect_expert_usage
+    from .run_pruning import calibration_loader
 
     config = model.config
-    counts: list[np.ndarray] | None = None
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for task_id, task in enumerate(tasks):
-            if task.eval_dataset is None:
-                continue
-            size = task.processor.size
-            adapter = TaskDataAdapter(
-                config.get_task(task.name), task.processor, train=False, image_size=(size.height, size.width),
-                columns=task.eval_columns, schema_options=task.eval_options,
-            )  # fmt: skip
-            rows = [adapter(row) for row in task.eval_dataset]
-            for batch in DataLoader(rows, batch_size=batch_size, collate_fn=adapter.collate):
-                out = model.modsquad(batch["pixel_values"], task=task.name)
-                if counts is None:
-                    counts = [np.zeros((config.num_tasks, p.shape[-1])) for p in out.router_probs]
-                for count, indices in zip(counts, out.expert_indices):
-                    count[task_id] += np.bincount(indices.reshape(-1).numpy(), minlength=count.shape[1])
-    model.train(was_training)
-    if counts is None:
-        return []
-    return [count / np.maximum(count.sum(axis=1, keepdims=True), 1.0) for count in counts]
+    tables: list[np.ndarray] | None = None
+    for task in tasks:
+        if task.eval_dataset is None:
+            continue
+        loader = calibration_loader(
+            config.get_task(task.name),
+            task.processor,
+            task.eval_dataset,
+            samples=len(task.eval_dataset),
+            batch_size=batch_size,
+            columns=task.eval_columns,
+            schema_options=task.eval_options,
+        )
+        usage = collect_expert_usage(model, loader, task.name)
+        if tables is None:
+            tables = [np.zeros((config.num_tasks, router.counts.numel())) for router in usage.routers]
+        for table, router in zip(tables, usage.routers):
+            table[config.task_index(task.name)] = router.fractions.numpy()
+    return tables or []
 
 
 def trivial_baselines(datasets: dict, tasks) -> dict[str, float]:
@@ -229,15 +220,11 @@ def prune_every_task(run_dir: Path, tasks, threshold: float) -> list[dict]:
             samples=DEMO_CALIBRATION_IMAGES,
             batch_size=task.eval_batch_size,
             columns=task.eval_columns,
+            schema_options=task.eval_options,
         )
         if task.eval_dataset is not None:
             validation[task.name] = task.eval_dataset
-            options[task.name] = {
-                "batch_size": task.eval_batch_size,
-                "columns": task.eval_columns,
-                "max_samples": task.max_eval_samples,
-                **task.eval_options,
-            }
+            options[task.name] = task.evaluation_kwargs()
     return prune_run(run.root, loaders, threshold, validation_datasets=validation, evaluation_options=options)
 
 

@@ -63,6 +63,7 @@ def calibration_loader(
     samples: int = 256,
     batch_size: int = 8,
     columns: Mapping[str, str] | None = None,
+    schema_options: Mapping[str, Any] | None = None,
 ) -> Iterable:
     """Batches of the first `samples` rows of `dataset` (a task's Hub schema), resized and normalised by
     `processor` without augmentation: the calibration data [`prune_run`] collects usage on and checks against.
@@ -74,11 +75,15 @@ def calibration_loader(
         samples (`int`, *optional*, defaults to 256): rows used at most.
         batch_size (`int`, *optional*, defaults to 8): images per batch.
         columns (`Mapping[str, str]`, *optional*): column renames, as for [`TaskDataAdapter`].
+        schema_options (`Mapping`, *optional*): how to read the columns (`bbox_format`, `reduce_labels`, ...), as
+            for [`TaskDataAdapter`].
     """
     from .data.loading import TaskDataAdapter, build_task_dataloader
 
     dataset = dataset.select(range(min(samples, len(dataset))))
-    adapter = TaskDataAdapter(dict(entry), processor, train=False, columns=columns)
+    adapter = TaskDataAdapter(
+        dict(entry), processor, train=False, columns=columns, schema_options=dict(schema_options or {})
+    )
     return build_task_dataloader(dataset, adapter, batch_size, shuffle=False, drop_last=False)
 
 

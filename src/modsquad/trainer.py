@@ -92,6 +92,16 @@ class TaskData:
     loss_weight: float = 1.0
     config_entry: dict[str, Any] | None = None
 
+    def evaluation_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `evaluate_model` for this task's evaluation data (besides model, processor
+        and dataset)."""
+        return {
+            "batch_size": self.eval_batch_size,
+            "columns": self.eval_columns,
+            "max_samples": self.max_eval_samples,
+            **self.eval_options,
+        }
+
 
 @dataclass
 class TrainResult:
@@ -296,10 +306,7 @@ def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerat
                 task.processor,
                 task.eval_dataset,
                 task=task.name,
-                batch_size=task.eval_batch_size,
-                columns=task.eval_columns,
-                max_samples=task.max_eval_samples,
-                **task.eval_options,
+                **task.evaluation_kwargs(),
             )
     model.train(was_training)
     return results
