@@ -252,7 +252,15 @@ def headline_metric(task_type: str) -> str:
     """The metric a task type is judged by in the demo's tables."""
     from .evaluation import HEADLINE_METRICS
 
-    return HEADLINE_METRICS[task_type][0]
+    return HEADLINE_METRICS[task_type]
+
+
+# The second line the metrics table shows for a task type.
+SECOND_METRICS = {
+    "depth-estimation": "abs_rel",
+    "object-detection": "map",
+    "semantic-segmentation": "overall_accuracy",
+}
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], task_types: dict[str, str], baselines: dict) -> str:
@@ -263,14 +271,9 @@ def metrics_table(metrics: dict[str, dict[str, float]], task_types: dict[str, st
         baseline = baselines.get(task)
         shown = f"{baseline:>10.3f}" if baseline is not None else f"{'':>10}"
         lines.append(f"{task:<8}{name:<12}{values.get(name, float('nan')):>10.3f}{shown}")
-        extra = {
-            "depth-estimation": "abs_rel",
-            "object-detection": "map",
-            "semantic-segmentation": "overall_accuracy",
-        }
-        if task_types[task] in extra and extra[task_types[task]] in values:
-            key = extra[task_types[task]]
-            lines.append(f"{'':<8}{key:<12}{values[key]:>10.3f}")
+        second = SECOND_METRICS.get(task_types[task])
+        if second in values:
+            lines.append(f"{'':<8}{second:<12}{values[second]:>10.3f}")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def _headline_metric(task_type: str, metrics: Mapping[str, float]) -> str | None
     """The task type's headline metric when it was computed, else the first metric."""
     from .evaluation import HEADLINE_METRICS
 
-    headline = HEADLINE_METRICS.get(task_type, (None, True))[0]
+    headline = HEADLINE_METRICS.get(task_type)
     return headline if headline in metrics else next(iter(metrics), None)
 
 
