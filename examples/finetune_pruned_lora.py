@@ -19,8 +19,8 @@ from peft import get_peft_model
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from modsquad.data import TaskDataAdapter, build_task_dataloader, load_split
-from modsquad.evaluation import evaluate_model
-from modsquad.peft_utils import lora_config_for
+from modsquad.metrics.evaluation import evaluate_model
+from modsquad.adaptation.lora import lora_config_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadModel, RoutingStatistics, task_expert_mutual_information
-from modsquad.moe import ModSquadTaskRouter, RouterOutput, load_balancing_loss, router_z_loss
+from modsquad.model.moe import ModSquadTaskRouter, RouterOutput, load_balancing_loss, router_z_loss
 
 
 # ----------------------------------------------------------------------------------------- mutual information

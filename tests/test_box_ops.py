@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modsquad.box_ops import (
+from modsquad.model.box_ops import (
     aligned_generalized_box_iou,
     batched_nms,
     box_area,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from modsquad.cli import main
-from modsquad.demo import DEMO_RECIPE
-from modsquad.training_config import load_recipe
+from modsquad.commands.demo import DEMO_RECIPE
+from modsquad.training.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -47,7 +47,7 @@ def test_demo_writes_the_whole_run_folder(tmp_path, capsys):
             assert (folder / name).is_file(), (task, name)
         assert row["params_after"] <= row["params_before"]
         assert row["max_abs_diff"] is not None and row["metric_before"] is not None
-    assert "params pruned" in printed
+    assert "experts kept" in printed  # the pruning table (the one `modsquad prune` prints too)
     assert {row["task"] for row in json.loads((out / "pruning.json").read_text())} == set(pruning)
 
 

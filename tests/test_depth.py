@@ -18,7 +18,7 @@ from modsquad import (
     ModSquadForMultiTask,
     ModSquadImageProcessor,
 )
-from modsquad.head_depth import silog_loss
+from modsquad.model.head_depth import silog_loss
 
 DEPTH_TASK = dict(ALL_TASKS[3], decoder_channels=16)
 

@@ -18,9 +18,9 @@ from modsquad import (
     ModSquadImageProcessor,
     ModSquadObjectDetectionOutput,
 )
-from modsquad.box_ops import box_iou, cxcywh_to_xyxy
-from modsquad.loss_detection import detection_loss, detection_targets
-from modsquad.processing_detection import post_process_object_detection, prepare_detection_labels
+from modsquad.model.box_ops import box_iou, cxcywh_to_xyxy
+from modsquad.model.loss_detection import detection_loss, detection_targets
+from modsquad.model.processing_detection import post_process_object_detection, prepare_detection_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

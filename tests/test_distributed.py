@@ -16,8 +16,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from modsquad.trainer import train
-from modsquad.training_config import load_recipe
+from modsquad.commands.train import train_recipe
+from modsquad.training.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +93,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     single = load_recipe(
         recipe, ["tasks.cls.batch_size=8", "tasks.cls2.batch_size=8", f"output_dir={tmp_path / 'single'}"]
     )
-    result = train(single)
+    result = train_recipe(single)
     distributed = load_file(str(run / "final" / "model.safetensors"))
     for name, param in result.model.state_dict().items():
         assert torch.allclose(distributed[name], param, atol=2e-5), name

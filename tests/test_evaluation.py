@@ -14,7 +14,7 @@ from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadImageProcessor
 from modsquad.cli import main
 from modsquad.data import load_split, parse_columns, task_schema
-from modsquad.evaluation import evaluate_model
+from modsquad.metrics.evaluation import evaluate_model
 
 SIZES = [
     (40, 48),

@@ -11,13 +11,14 @@ import torch
 from torch.testing import assert_close
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-import modsquad.moe as moe
+import modsquad.model.moe as moe
 from conftest import tiny_config
 from modsquad import SORTED_MM, ModSquadForImageClassification
-from modsquad.benchmark import MoECase, format_table, measure_case
+from modsquad.commands.benchmark import MoECase, format_table, measure_case
 from modsquad.cli import main
-from modsquad.modeling_modsquad import eager_attention_forward
-from modsquad.moe import ExpertDispatch, ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
+from modsquad.model.modeling_modsquad import eager_attention_forward
+from modsquad.model.moe import ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
+from modsquad.model.sorted_mm import ExpertDispatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

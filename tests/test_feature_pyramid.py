@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadModel
-from modsquad.feature_pyramid import (
+from modsquad.model.feature_pyramid import (
     ModSquadFeaturePyramid,
     ModSquadUpsample2x,
     dense_head_channels,

@@ -31,7 +31,7 @@ from modsquad import (
     ModSquadImageProcessor,
     ModSquadModel,
 )
-from modsquad.moe import ModSquadTaskRouter
+from modsquad.model.moe import ModSquadTaskRouter
 
 MULTI_LABEL = {
     "name": "tags",

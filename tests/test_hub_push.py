@@ -16,7 +16,7 @@ import torch
 
 from hub_server import running_hub
 from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmentation
-from modsquad.run_pruning import prune_run
+from modsquad.pruning.run import prune_run
 from pruning_helpers import CLS_TASK, SEG_TASK, make_run_folder, pixel_loader
 
 TOKEN = "hf_modsquad_test_token"

@@ -12,8 +12,8 @@ from transformers import AutoModel
 
 from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadModel, RoutingStatistics
-from modsquad.modeling_modsquad import NUM_PREFIX_TOKENS
-from modsquad.moe import ModSquadTaskRouter
+from modsquad.model.modeling_modsquad import NUM_PREFIX_TOKENS
+from modsquad.model.moe import ModSquadTaskRouter
 
 
 def _images(batch: int = 2, height: int = 32, width: int = 32) -> torch.Tensor:

@@ -16,9 +16,9 @@ from modsquad import (
     ModSquadForObjectDetection,
     ModSquadForSemanticSegmentation,
 )
-from modsquad.expert_usage import collect_expert_usage
-from modsquad.peft_utils import lora_config_for
-from modsquad.pruning import prune_for_task
+from modsquad.pruning.usage import collect_expert_usage
+from modsquad.adaptation.lora import lora_config_for
+from modsquad.pruning.prune import prune_for_task
 
 PETS = {"name": "pets", "type": "image-classification", "labels": ["cat", "dog", "fish"]}
 

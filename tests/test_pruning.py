@@ -22,8 +22,8 @@ from modsquad import (
     compare_pruned_outputs,
     prune_for_task,
 )
-from modsquad.expert_usage import router_layout
-from modsquad.pruning import select_experts
+from modsquad.pruning.usage import router_layout
+from modsquad.pruning.prune import select_experts
 from pruning_helpers import (
     CLS_TASK,
     DEPTH_TASK,
@@ -262,7 +262,7 @@ def test_prune_for_task_rejects_mismatched_inputs(moa_model, caplog):
     with pytest.raises(ValueError, match="covers routers"):
         prune_for_task(specialised_model([CLS_TASK]), "cls", usage)
     no_renorm = specialised_model([CLS_TASK], norm_topk_prob=False)
-    with caplog.at_level(logging.WARNING, logger="modsquad.pruning"):
+    with caplog.at_level(logging.WARNING, logger="modsquad.pruning.prune"):
         prune_for_task(no_renorm, "cls", collect_expert_usage(no_renorm, pixel_loader(7), "cls"))
     assert "norm_topk_prob=False" in caplog.text
 

@@ -8,7 +8,7 @@ Takes the same arguments as `modsquad train` (recipe overrides, --resume, --outp
 
 import sys
 
-from modsquad.train_cli import main
+from modsquad.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,72 +1,102 @@
 """modsquad: a multi-task mixture-of-experts vision transformer for Hugging Face Transformers.
 
-Importing the package registers the config, models and image processor with the Auto classes.
+Importing the package registers the config, the models and the image processor with the Transformers Auto classes
+([`register_auto_classes`]); which Auto class serves which task type is read from the task heads
+(`TaskHead.auto_class`), the one place that says it. Public names are imported from the module that defines them
+when first used, so that the tools around the model (training, pruning, adaptation) cost nothing until then.
+
+The `modsquad` command is the one exception to registering on import: it must answer `--help` without loading torch,
+so when this interpreter runs that command the model stack loads only once a sub-command needs it.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForDepthEstimation,
-    AutoModelForImageClassification,
-    AutoModelForObjectDetection,
-    AutoModelForSemanticSegmentation,
-)
+from __future__ import annotations
 
-from .configuration_modsquad import TASK_TYPES, ModSquadConfig
-from .continual import add_task, merge_added_task
-from .expert_usage import ExpertUsage, ExpertUsageTracker, collect_expert_usage
-from .head_classification import ModSquadForImageClassification, ModSquadImageClassifierOutput
-from .head_depth import ModSquadDepthEstimatorOutput, ModSquadForDepthEstimation
-from .head_detection import ModSquadForObjectDetection, ModSquadObjectDetectionOutput
-from .head_segmentation import ModSquadForSemanticSegmentation, ModSquadSemanticSegmenterOutput
-from .image_processing_modsquad import ModSquadImageProcessor
-from .modeling_heads import ModSquadForTask, TaskHead
-from .modeling_modsquad import ModSquadModel, ModSquadModelOutput, ModSquadPreTrainedModel
-from .modeling_multitask import ModSquadForMultiTask
-from .moe import SORTED_MM, RoutingStatistics, task_expert_mutual_information
-from .pruning import compare_pruned_outputs, prune_for_task
-from .run_pruning import prune_run
+import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
-AutoConfig.register(ModSquadConfig.model_type, ModSquadConfig, exist_ok=True)
-AutoModel.register(ModSquadConfig, ModSquadModel, exist_ok=True)
-AutoModelForImageClassification.register(ModSquadConfig, ModSquadForImageClassification, exist_ok=True)
-AutoModelForObjectDetection.register(ModSquadConfig, ModSquadForObjectDetection, exist_ok=True)
-AutoModelForSemanticSegmentation.register(ModSquadConfig, ModSquadForSemanticSegmentation, exist_ok=True)
-AutoModelForDepthEstimation.register(ModSquadConfig, ModSquadForDepthEstimation, exist_ok=True)
-AutoImageProcessor.register(
-    ModSquadConfig, image_processor_classes={"pil": ModSquadImageProcessor}, exist_ok=True
-)
+# Public name -> the module that defines it (relative to this package).
+_PUBLIC_NAMES = {
+    "TASK_TYPES": ".model.configuration_modsquad",
+    "ModSquadConfig": ".model.configuration_modsquad",
+    "ModSquadModel": ".model.modeling_modsquad",
+    "ModSquadModelOutput": ".model.modeling_modsquad",
+    "ModSquadPreTrainedModel": ".model.modeling_modsquad",
+    "SORTED_MM": ".model.sorted_mm",
+    "task_expert_mutual_information": ".model.moe",
+    "TASK_HEADS": ".model.modeling_heads",
+    "TaskHead": ".model.modeling_heads",
+    "ModSquadForTask": ".model.modeling_heads",
+    "ModSquadForImageClassification": ".model.head_classification",
+    "ModSquadImageClassifierOutput": ".model.head_classification",
+    "ModSquadForSemanticSegmentation": ".model.head_segmentation",
+    "ModSquadSemanticSegmenterOutput": ".model.head_segmentation",
+    "ModSquadForObjectDetection": ".model.head_detection",
+    "ModSquadObjectDetectionOutput": ".model.head_detection",
+    "ModSquadForDepthEstimation": ".model.head_depth",
+    "ModSquadDepthEstimatorOutput": ".model.head_depth",
+    "ModSquadForMultiTask": ".model.modeling_multitask",
+    "ModSquadImageProcessor": ".model.image_processing_modsquad",
+    "RoutingStatistics": ".training.step",
+    "ExpertUsage": ".pruning.usage",
+    "ExpertUsageTracker": ".pruning.usage",
+    "collect_expert_usage": ".pruning.usage",
+    "compare_pruned_outputs": ".pruning.prune",
+    "prune_for_task": ".pruning.prune",
+    "prune_run": ".pruning.run",
+    "add_task": ".adaptation.continual",
+    "merge_added_task": ".adaptation.continual",
+}
 
-__all__ = [
-    "SORTED_MM",
-    "TASK_TYPES",
-    "ExpertUsage",
-    "ExpertUsageTracker",
-    "ModSquadConfig",
-    "ModSquadDepthEstimatorOutput",
-    "ModSquadForDepthEstimation",
-    "ModSquadForImageClassification",
-    "ModSquadForMultiTask",
-    "ModSquadForObjectDetection",
-    "ModSquadForSemanticSegmentation",
-    "ModSquadForTask",
-    "ModSquadImageClassifierOutput",
-    "ModSquadImageProcessor",
-    "ModSquadModel",
-    "ModSquadModelOutput",
-    "ModSquadObjectDetectionOutput",
-    "ModSquadPreTrainedModel",
-    "ModSquadSemanticSegmenterOutput",
-    "RoutingStatistics",
-    "TaskHead",
-    "add_task",
-    "collect_expert_usage",
-    "compare_pruned_outputs",
-    "merge_added_task",
-    "prune_for_task",
-    "prune_run",
-    "task_expert_mutual_information",
-]
+_registered = False
+
+
+def register_auto_classes() -> None:
+    """Registers `ModSquadConfig`, `ModSquadModel`, the single-task model of every task type (with the Auto class its
+    head names) and `ModSquadImageProcessor` with the Transformers Auto classes. Idempotent; importing the package
+    calls it."""
+    global _registered
+    if _registered:
+        return
+    import transformers
+
+    from .model import modeling_multitask  # noqa: F401  (imports every head, which fills TASK_HEADS)
+    from .model.configuration_modsquad import ModSquadConfig
+    from .model.image_processing_modsquad import ModSquadImageProcessor
+    from .model.modeling_heads import TASK_HEADS
+    from .model.modeling_modsquad import ModSquadModel
+
+    transformers.AutoConfig.register(ModSquadConfig.model_type, ModSquadConfig, exist_ok=True)
+    transformers.AutoModel.register(ModSquadConfig, ModSquadModel, exist_ok=True)
+    for head in TASK_HEADS.values():
+        getattr(transformers, head.auto_class).register(ModSquadConfig, head.model_class, exist_ok=True)
+    transformers.AutoImageProcessor.register(
+        ModSquadConfig, image_processor_classes={"pil": ModSquadImageProcessor}, exist_ok=True
+    )
+    _registered = True
+
+
+def _running_the_command() -> bool:
+    """Whether this interpreter was started as the `modsquad` command (its console script)."""
+    return bool(sys.argv) and os.path.splitext(os.path.basename(sys.argv[0]))[0] == "modsquad"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    register_auto_classes()
+    value = getattr(importlib.import_module(_PUBLIC_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC_NAMES})
+
+
+if not _running_the_command():
+    register_auto_classes()
+
+__all__ = ["register_auto_classes", *sorted(_PUBLIC_NAMES)]

@@ -1,9 +1,11 @@
-"""Where things are in a training-run folder, for pruning, inspecting and publishing.
+"""The layout of a training-run folder: one set of names for the trainer that writes it and for pruning, inspecting
+and publishing, which read it.
 
 A run folder holds the multi-task model (`model/`, or `final/` as [`train`] writes it: a `save_pretrained` folder
 with its image processor), the pruned per-task models (`tasks/<task>/`, each with its README card), evaluation
 results (`metrics.json` or the trainer's `eval_results.json`: `{task: {metric: value}}`), optionally the trainer's
-`expert_usage_ema.json` and `recipe.yaml`. A plain `save_pretrained` folder is accepted as a run of its own.
+`expert_usage_ema.json`, `recipe.yaml`, `training_log.jsonl`, `logs/` (trackers) and `checkpoints/`. A plain
+`save_pretrained` folder is accepted as a run of its own.
 """
 
 from __future__ import annotations
@@ -14,14 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configuration_modsquad import ModSquadConfig
-from .expert_usage import ExpertUsage
+from .model.configuration_modsquad import ModSquadConfig
 
-MODEL_DIRS = ("model", "final")
-TASKS_DIR = "tasks"
-METRICS_FILES = ("metrics.json", "eval_results.json")
+# Written by the trainer (`training.trainer.train`).
+FINAL_DIR = "final"
+EVAL_RESULTS_FILE = "eval_results.json"
 EMA_USAGE_FILE = "expert_usage_ema.json"
 RECIPE_FILE = "recipe.yaml"
+TRAINING_LOG = "training_log.jsonl"
+LOGS_DIR = "logs"
+REPLICA_DIGESTS_FILE = "replica_digests.json"
+LOSS_WEIGHTS_FILE = "loss_weights.json"  # inside FINAL_DIR
+# Written by `modsquad demo` and `modsquad prune`.
+SUMMARY_FILE = "metrics.json"
+TASKS_DIR = "tasks"
+# Where readers look for the main model and its evaluation results, in order of preference.
+MODEL_DIRS = ("model", FINAL_DIR)
+METRICS_FILES = (SUMMARY_FILE, EVAL_RESULTS_FILE)
 # Written next to each pruned model (and the multi-task model) by `prune_run`: what its card shows.
 USAGE_FILE = "expert_usage.json"
 USAGE_PLOT = "expert_usage.png"
@@ -86,13 +97,13 @@ class RunFolder:
                 return read_task_metrics(path)
         return {}
 
-    def ema_usage(self, config: ModSquadConfig) -> dict[str, ExpertUsage]:
-        """The trainer's per-task EMA of expert usage (`{}` when the run has none)."""
+    def ema_usage_fractions(self) -> dict[str, list[list[float]]]:
+        """The trainer's per-task EMA of expert usage: per task, one list of expert fractions per router (`{}` when
+        the run has none). `pruning.usage.run_ema_usage` turns it into [`ExpertUsage`]s."""
         path = self.root / EMA_USAGE_FILE
         if not path.is_file():
             return {}
-        data = json.loads(path.read_text())
-        return {task: ExpertUsage.from_fractions(config, task, fractions) for task, fractions in data.items()}
+        return json.loads(path.read_text())
 
     def training_data(self) -> dict[str, str]:
         """Per task, what it was trained on as the recipe names it (a Hub id, a path, or `demo`)."""
@@ -162,8 +173,16 @@ def read_task_metrics(path: str | Path) -> dict[str, dict[str, float]]:
 
 __all__ = [
     "EMA_USAGE_FILE",
+    "EVAL_RESULTS_FILE",
+    "FINAL_DIR",
+    "LOGS_DIR",
+    "LOSS_WEIGHTS_FILE",
     "PRUNING_FILE",
+    "RECIPE_FILE",
+    "REPLICA_DIGESTS_FILE",
+    "SUMMARY_FILE",
     "TASKS_DIR",
+    "TRAINING_LOG",
     "USAGE_FILE",
     "USAGE_PLOT",
     "RunFolder",

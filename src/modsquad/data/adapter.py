@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..configuration_modsquad import TASK_TYPES
-from ..image_processing_modsquad import check_image
-from ..processing_detection import BOX_TOLERANCE_PX
+from ..model.configuration_modsquad import TASK_TYPES
+from ..model.image_processing_modsquad import check_image
+from ..model.processing_detection import BOX_TOLERANCE_PX
 from .schemas import task_schema
 from .transforms import AugmentConfig, TaskSample, augment_sample, resize_sample
 

@@ -1,8 +1,8 @@
 """Loading a dataset named the way a user types it: a Hub id, a local folder or a local data file.
 
 `load_task_dataset` is what training uses (any split or all of them, map-style or streaming); `load_split` is what
-evaluation uses (one map-style split). The row adapter and the task DataLoader live in `adapter` and `batching` and
-are re-exported here, so that `modsquad.data.loading` holds the whole path from a dataset name to model batches.
+evaluation uses (one map-style split). Rows become model samples in `adapter`, batches in `batching`; the package
+`modsquad.data` exports the names users need from all of them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-
-from .adapter import TaskDataAdapter, collate_task_samples
-from .batching import build_task_dataloader
 
 # File extension -> the `datasets` packaged builder that reads it.
 FILE_BUILDERS = {
@@ -185,10 +182,7 @@ def _is_saved_to_disk(folder: str) -> bool:
 
 __all__ = [
     "FILE_BUILDERS",
-    "TaskDataAdapter",
-    "build_task_dataloader",
     "cast_image_columns",
-    "collate_task_samples",
     "load_split",
     "load_task_dataset",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from transformers.image_utils import get_image_size
 
-from ..processing_dense import to_2d_array
+from ..model.processing_dense import to_2d_array
 
 BBOX_FORMATS = ("xywh", "xyxy")
 
@@ -92,11 +92,6 @@ class TaskSchema(ABC):
                 f"unknown column roles {unknown} for {self.task_type}; accepted roles: {list(self.default_columns)}"
             )
         object.__setattr__(self, "columns", {**self.default_columns, **self.columns})
-
-    @property
-    def required_columns(self) -> list[str]:
-        """Dataset columns this schema reads."""
-        return [name for role, name in self.columns.items() if role not in self.nested_roles]
 
     def check_columns(self, column_names: Iterable[str]) -> None:
         """Raises a ValueError naming the missing columns, the columns present and how to map them."""

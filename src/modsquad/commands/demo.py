@@ -1,0 +1,337 @@
+"""`modsquad demo`: the main job, end to end on generated data, in minutes on a laptop CPU.
+
+Generates the synthetic "shapes scenes" benchmark (four tasks, four datasets: classification, detection,
+segmentation, depth), trains one multi-task MoE model on all of them with SIMT mixing (every step a batch of every
+task, one mutual-information loss over them), evaluates every task with its metric next to a trivial baseline,
+plots which experts each task uses, and prunes every task into a small standalone model. The run folder (default
+`runs/demo-<timestamp>`) holds:
+
+- `final/`: the trained model and its image processor (`from_pretrained`-ready);
+- `metrics.json`: per-task metrics and baselines (also printed as a table); `eval_results.json`: every metric;
+- `expert_usage/layer<i>_<mlp|attention>.png` and `expert_usage/fractions.json`: task-by-expert usage on
+  validation data;
+- `training_log.jsonl`, `logs/`: the loss curve (per task, MI loss, learning rate) and tracker files;
+- `recipe.yaml`: the exact recipe, re-runnable with `modsquad train --config`;
+- `tasks/<task>/`: every task pruned to the experts it uses (standalone `ModSquadFor<Type>` with its processor,
+  usage heat-map and model card), checked against the full model; `pruning.json` holds the comparison (metric,
+  parameters, weight size, load time, largest output difference), also printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.modeling_heads import task_head_class
+from ..pruning.heatmap import plot_expert_usage
+from ..pruning.prune import DEFAULT_PRUNE_THRESHOLD
+from ..pruning.run import calibration_loader, format_prune_table, prune_run
+from ..pruning.usage import collect_expert_usage, router_layout
+from ..run_folder import RunFolder
+from ..training.recipe import load_recipe
+from ..training.task_data import build_model, build_task_data
+from ..training.trainer import train
+
+# The demo recipe (training/configs/demo.yaml is the same recipe, as a file; a test keeps them equal). Sized for
+# ~7 minutes on 2 CPU cores (under 10): 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE
+# (8 experts, top-2).
+# Pruning at the end calibrates on each task's first training images.
+DEMO_CALIBRATION_IMAGES = 128
+# What metrics.json keeps of each pruning row (the full rows are in pruning.json).
+PRUNING_SUMMARY_KEYS = (
+    "task", "folder", "threshold", "experts_text", "metric", "metric_before", "metric_after", "params_before",
+    "params_after", "bytes_before", "bytes_after", "max_abs_diff", "routing_agreement",
+)  # fmt: skip
+DEMO_DATA = {"demo": True, "num_train": 512, "num_val": 64, "image_size": 64, "seed": 0}
+DEMO_RECIPE: dict[str, Any] = {
+    "output_dir": "runs/demo",
+    "seed": 0,
+    "model": {
+        "config": {
+            "hidden_size": 128,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "patch_size": 8,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "expert_intermediate_size": 128,
+            "moe_layers": "every_other",
+            "mi_loss_coef": 0.01,
+            "z_loss_coef": 0.001,
+            "router_noise_std": 0.1,
+        }
+    },
+    "tasks": [
+        {"name": "cls", "dataset": dict(DEMO_DATA), "batch_size": 32, "image_size": 64},
+        {
+            "name": "det",
+            "dataset": dict(DEMO_DATA),
+            "batch_size": 16,
+            "image_size": 64,
+            "head": {"head_channels": 64},
+        },
+        {
+            "name": "seg",
+            "dataset": dict(DEMO_DATA),
+            "batch_size": 16,
+            "image_size": 64,
+            "head": {"decoder_channels": 32},
+        },
+        {
+            "name": "depth",
+            "dataset": dict(DEMO_DATA),
+            "batch_size": 16,
+            "image_size": 64,
+            "head": {"decoder_channels": 32},
+        },
+    ],
+    "mixing": {"strategy": "simt"},
+    "optimization": {
+        "learning_rate": 2e-3,
+        "weight_decay": 0.05,
+        "warmup_steps": 30,
+        "min_lr_ratio": 0.05,
+        "max_grad_norm": 1.0,
+        "loss_weighting": "fixed",
+    },
+    "training": {
+        "max_steps": 800,
+        "log_every": 10,
+        "eval_every": 0,
+        "save_every": 0,
+        "tracker": "csv",
+    },
+}
+
+
+def demo_recipe(
+    output_dir: str | Path,
+    num_train: int | None = None,
+    num_val: int | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    overrides: list[str] | None = None,
+):
+    """The demo's [`TrainingRecipe`], with its data size, length and seed optionally changed."""
+    raw = copy.deepcopy(DEMO_RECIPE)
+    raw["output_dir"] = str(output_dir)
+    for task in raw["tasks"]:
+        if num_train is not None:
+            task["dataset"]["num_train"] = num_train
+            # Tiny budgets: a batch must fit into the data.
+            task["batch_size"] = min(task["batch_size"], num_train)
+        if num_val is not None:
+            task["dataset"]["num_val"] = num_val
+    if max_steps is not None:
+        raw["training"]["max_steps"] = max_steps
+        raw["optimization"]["warmup_steps"] = min(raw["optimization"]["warmup_steps"], max_steps // 10)
+    if seed is not None:
+        raw["seed"] = seed
+    return load_recipe(overrides=overrides, **raw)
+
+
+def router_names(config) -> list[str]:
+    """Names of the routers in the order of `router_probs`: per MoE block, attention router (if any) then MLP's."""
+    return [f"layer{slot.block}_{slot.kind}" for slot in router_layout(config)]
+
+
+def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarray]:
+    """Per router, the `(num_tasks, num_experts)` fraction of each task's token slots routed to each expert, on
+    each task's evaluation data (plain resize, no augmentation); rows of tasks without such data are zeros."""
+    config = model.config
+    tables: list[np.ndarray] | None = None
+    for task in tasks:
+        if task.eval_dataset is None:
+            continue
+        loader = calibration_loader(
+            config.get_task(task.name),
+            task.processor,
+            task.eval_dataset,
+            samples=len(task.eval_dataset),
+            batch_size=batch_size,
+            columns=task.eval_columns,
+            schema_options=task.eval_options,
+        )
+        usage = collect_expert_usage(model, loader, task.name)
+        if tables is None:
+            tables = [np.zeros((config.num_tasks, router.counts.numel())) for router in usage.routers]
+        for table, router in zip(tables, usage.routers):
+            table[config.task_index(task.name)] = router.fractions.numpy()
+    return tables or []
+
+
+def trivial_baselines(datasets: dict, tasks) -> dict[str, float]:
+    """What a model that ignores the image scores on each demo task's validation split, per headline metric:
+    majority class (classification), all-majority-class maps (segmentation mIoU), no boxes (detection), the
+    training median depth everywhere (depth delta1)."""
+    baselines: dict[str, float] = {}
+    for task in tasks:
+        splits = datasets[task.name]
+        val = splits["validation"]
+        if task.name == "cls":
+            labels = np.asarray(val["label"])
+            train_majority = np.bincount(np.asarray(splits["train"]["label"])).argmax()
+            baselines[task.name] = float((labels == train_majority).mean())
+        elif task.name == "seg":
+            maps = [np.asarray(m) for m in val["annotation"]]
+            majority = np.bincount(np.concatenate([m.ravel() for m in maps])).argmax()
+            present = sorted({int(v) for m in maps for v in np.unique(m)})
+            # Predicting `majority` everywhere: IoU = its pixel share for that class, 0 for the others present.
+            share = np.mean(np.concatenate([(m == majority).ravel() for m in maps]))
+            baselines[task.name] = float(share / len(present))
+        elif task.name == "det":
+            baselines[task.name] = 0.0
+        elif task.name == "depth":
+            train_depth = np.concatenate(
+                [np.asarray(d, dtype=np.float32).ravel() for d in splits["train"]["depth_map"]]
+            )
+            constant = float(np.median(train_depth[train_depth > 0]))
+            depth = np.concatenate([np.asarray(d, dtype=np.float32).ravel() for d in val["depth_map"]])
+            depth = depth[depth > 0]
+            ratio = np.maximum(depth / constant, constant / depth)
+            baselines[task.name] = float((ratio < 1.25).mean())
+    return baselines
+
+
+def prune_every_task(run_dir: Path, tasks, threshold: float) -> list[dict]:
+    """Prunes every demo task into `RUN/tasks/<task>/` (with its card), calibrating on the first
+    `DEMO_CALIBRATION_IMAGES` training images of the task, and scores the full and the pruned model on the task's
+    validation split. Returns the rows of [`prune_run`]."""
+    from transformers import AutoImageProcessor
+
+    run = RunFolder.open(run_dir)
+    config = run.config()
+    processor = AutoImageProcessor.from_pretrained(run.model_dir)
+    loaders, validation, options = {}, {}, {}
+    for task in tasks:
+        loaders[task.name] = calibration_loader(
+            config.get_task(task.name),
+            processor,
+            task.train_dataset,
+            samples=DEMO_CALIBRATION_IMAGES,
+            batch_size=task.eval_batch_size,
+            columns=task.eval_columns,
+            schema_options=task.eval_options,
+        )
+        if task.eval_dataset is not None:
+            validation[task.name] = task.eval_dataset
+            options[task.name] = task.evaluation_kwargs()
+    return prune_run(run.root, loaders, threshold, validation_datasets=validation, evaluation_options=options)
+
+
+def headline_metric(task_type: str) -> str:
+    """The metric a task type is judged by in the demo's tables (its head's first metric)."""
+    return task_head_class(task_type).metrics[0]
+
+
+def metrics_table(metrics: dict[str, dict[str, float]], task_types: dict[str, str], baselines: dict) -> str:
+    """A plain-text table: task, metric, value, trivial baseline."""
+    lines = [f"{'task':<8}{'metric':<12}{'value':>10}{'baseline':>10}"]
+    for task, values in metrics.items():
+        name = headline_metric(task_types[task])
+        baseline = baselines.get(task)
+        shown = f"{baseline:>10.3f}" if baseline is not None else f"{'':>10}"
+        lines.append(f"{task:<8}{name:<12}{values.get(name, float('nan')):>10.3f}{shown}")
+        second = task_head_class(task_types[task]).metrics[1]
+        if second in values:
+            lines.append(f"{'':<8}{second:<12}{values[second]:>10.3f}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", help="run folder (default: runs/demo-<timestamp>)")
+    parser.add_argument(
+        "--max-steps", type=int, help=f"optimizer steps (default {DEMO_RECIPE['training']['max_steps']})"
+    )
+    parser.add_argument(
+        "--num-train", type=int, help=f"training images per task (default {DEMO_DATA['num_train']})"
+    )
+    parser.add_argument(
+        "--num-val", type=int, help=f"validation images per task (default {DEMO_DATA['num_val']})"
+    )
+    parser.add_argument("--seed", type=int, help="seed of the data, the model and the training")
+    parser.add_argument(
+        "--prune-threshold",
+        type=float,
+        default=DEFAULT_PRUNE_THRESHOLD,
+        help="keep, per task and router, the experts with more than this share of the task's selections on its "
+        f"calibration images (default {DEFAULT_PRUNE_THRESHOLD}; 0 keeps every expert the task used)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `modsquad train`"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
+    recipe = demo_recipe(output_dir, args.num_train, args.num_val, args.max_steps, args.seed, args.overrides)
+    print(f"modsquad demo -> {output_dir}")
+    tasks, processor = build_task_data(recipe)
+    generated = time.perf_counter()
+    model = build_model(recipe, tasks)
+    result = train(recipe, model, tasks, processor)
+    if result.interrupted is not None:
+        print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
+        return 128 + max(result.interrupted, 0)
+    trained = time.perf_counter()
+
+    model = result.model
+    task_types = {task["name"]: task["type"] for task in model.config.tasks}
+    demo_sets = {task.name: {"train": task.train_dataset, "validation": task.eval_dataset} for task in tasks}
+    baselines = trivial_baselines(demo_sets, tasks)
+    usage = validation_expert_usage(model, tasks)
+    usage_dir = output_dir / "expert_usage"
+    names = router_names(model.config)
+    for name, table in zip(names, usage):
+        plot_expert_usage(
+            table, model.config.task_names, usage_dir / f"{name}.png", title=f"expert usage, {name}"
+        )
+    (usage_dir / "fractions.json").write_text(
+        json.dumps({name: table.tolist() for name, table in zip(names, usage)}, indent=1)
+    )
+    mapped = time.perf_counter()
+    pruning_rows = prune_every_task(output_dir, tasks, args.prune_threshold)
+    finished = time.perf_counter()
+    summary = {
+        "metrics": result.metrics,
+        "headline": {
+            task: {headline_metric(task_types[task]): values.get(headline_metric(task_types[task]))}
+            for task, values in result.metrics.items()
+        },
+        "baselines": baselines,
+        "pruning": [{key: row.get(key) for key in PRUNING_SUMMARY_KEYS} for row in pruning_rows],
+        "steps": result.step,
+        "seconds": {
+            "data": round(generated - started, 1),
+            "training_and_evaluation": round(trained - generated, 1),
+            "usage_maps": round(mapped - trained, 1),
+            "pruning": round(finished - mapped, 1),
+            "total": round(finished - started, 1),
+        },
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(metrics_table(result.metrics, task_types, baselines))
+    print(f"\npruned task models (threshold {args.prune_threshold}) in {output_dir / 'tasks'}:")
+    print(format_prune_table(pruning_rows))
+    print(
+        f"done in {summary['seconds']['total']:.0f} s; model in {result.final_dir}, heat-maps in {usage_dir}"
+    )
+    return 0
+
+
+__all__ = [
+    "DEMO_RECIPE",
+    "demo_recipe",
+    "metrics_table",
+    "router_names",
+    "trivial_baselines",
+    "validation_expert_usage",
+]

@@ -1,0 +1,104 @@
+"""`modsquad train`: multi-task training from a YAML recipe, with `dotted.key=value` overrides.
+
+Single process: `modsquad train --config training/configs/demo.yaml training.max_steps=100`.
+Several processes: `accelerate launch --multi_gpu --num_processes 2 training/train.py --config ...` (same arguments;
+on a machine without GPUs this starts two CPU processes joined by gloo, whereas `--cpu --num_processes 2` starts
+only one), or `accelerate launch --config_file training/accelerate/cpu_2proc.yaml training/train.py ...`.
+Single-task baseline of the same active size: `--only-task seg model.config.moe_layers=[]` (dense MLPs as wide as
+the active experts). Resume after an interruption (SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest
+checkpoint of the run folder) or `--resume path/to/checkpoints/step_00000200`. An interrupted run exits with
+`128 + signal`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..training.recipe import TrainingRecipe, load_recipe
+from ..training.task_data import build_model, build_task_data
+from ..training.trainer import TrainResult, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe (see training/configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="recipe overrides, e.g. training.max_steps=50 tasks.cls.batch_size=16 optimization.learning_rate=3e-4",
+    )
+    parser.add_argument("--output-dir", help="run folder (overrides output_dir of the recipe)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="resume from a checkpoint folder, or from the newest one of the run folder when no path is given "
+        "(write it after any KEY=VALUE overrides, or give `latest` explicitly)",
+    )
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
+    parser.add_argument("--seed", type=int, help="overrides the recipe's seed")
+    parser.add_argument(
+        "--only-task",
+        action="append",
+        metavar="NAME",
+        help="train only this task of the recipe (repeatable): single-task baselines with the same recipe",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe of `args.config` with the command-line options and overrides applied."""
+    overrides = list(args.overrides or [])
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    if args.max_steps is not None:
+        overrides.append(f"training.max_steps={args.max_steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.resume is not None:
+        overrides.append(f"resume={json.dumps(args.resume)}")
+    recipe = load_recipe(args.config, overrides)
+    if args.only_task:
+        unknown = sorted(set(args.only_task) - set(recipe.task_names))
+        if unknown:
+            raise ValueError(
+                f"--only-task {unknown}: not tasks of the recipe; its tasks are {recipe.task_names}"
+            )
+        recipe.tasks = [task for task in recipe.tasks if task.name in args.only_task]
+    return recipe
+
+
+def train_recipe(recipe: TrainingRecipe) -> TrainResult:
+    """Builds the recipe's data and model, then trains: what `modsquad train` and `training/train.py` run."""
+    tasks, processor = build_task_data(recipe)
+    model = build_model(recipe, tasks)
+    return train(recipe, model, tasks, processor)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    try:
+        result = train_recipe(recipe_from_args(args))
+    finally:
+        # Several processes: leave the process group explicitly rather than in the interpreter's shutdown.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.interrupted is not None:
+        print(
+            f"interrupted at step {result.step}/{result.max_steps}; resume with --resume ({result.checkpoint})"
+        )
+        return 128 + max(result.interrupted, 0)
+    if result.metrics:
+        print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `training/train.py` (what `accelerate launch` runs)."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_arguments", "main", "recipe_from_args", "run", "train_recipe"]

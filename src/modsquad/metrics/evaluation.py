@@ -1,0 +1,207 @@
+"""Evaluating a ModSquad model on a `datasets` split: predictions at the original image size, then the task's metric."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import torch
+
+from ..data.schemas import TaskSchema, image_size, task_schema
+from ..model.image_processing_modsquad import ModSquadImageProcessor
+from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
+
+
+def task_metric(
+    task: Mapping[str, Any], min_depth: float | None = None, max_depth: float | None = None
+) -> StreamingMetric:
+    """The metric of a task entry of `ModSquadConfig.tasks`, configured from it.
+
+    Args:
+        task (`Mapping`): the task entry (`config.get_task(name)`).
+        min_depth, max_depth (`float`, *optional*): valid depth range of a depth-estimation task.
+
+    Returns:
+        [`TopKAccuracy`] (top-1 and top-5), [`MeanIoU`] (with the task's `num_labels` and `ignore_index`),
+        [`MeanAveragePrecision`] or [`DepthError`].
+    """
+    task_type = task["type"]
+    if (min_depth is not None or max_depth is not None) and task_type != "depth-estimation":
+        raise ValueError(
+            f"min_depth / max_depth apply to depth-estimation; task {task['name']!r} is {task_type}"
+        )
+    if task_type == "image-classification":
+        if task.get("problem_type") == "multi_label_classification":
+            raise ValueError(
+                f"task {task['name']!r} is multi-label; evaluation supports single_label_classification only"
+            )
+        return TopKAccuracy(top_k=(1, 5))
+    if task_type == "semantic-segmentation":
+        return MeanIoU(num_labels=task["num_labels"], ignore_index=task.get("ignore_index", 255))
+    if task_type == "object-detection":
+        return MeanAveragePrecision()
+    if task_type == "depth-estimation":
+        return DepthError(min_depth=min_depth, max_depth=max_depth)
+    raise ValueError(f"no metric for task type {task_type!r}")
+
+
+def resolve_task(model: torch.nn.Module, task: str | int | None) -> tuple[str, bool]:
+    """The task to evaluate and whether `model.forward` must be told it.
+
+    A single-task model (`ModSquadFor<Type>`) serves `model.task`; a multi-task model needs `task` unless its
+    config has one task only.
+    """
+    config = model.config
+    served = getattr(model, "task", None)
+    if isinstance(served, str):
+        if task is not None and config.get_task(task)["name"] != served:
+            raise ValueError(f"this model serves task {served!r}, got task={task!r}")
+        return served, False
+    if task is None:
+        if config.num_tasks != 1:
+            raise ValueError(f"the model has several tasks {config.task_names}; pass task=<name> to pick one")
+        task = config.task_names[0]
+    return config.get_task(task)["name"], True
+
+
+def predictions_at_original_size(
+    processor: ModSquadImageProcessor, outputs, task_type: str, sizes: list[tuple[int, int]], threshold: float
+) -> list:
+    """Post-processes one batch of model outputs into the metric's prediction format at the original sizes."""
+    if task_type == "image-classification":
+        return list(outputs.logits.detach().float().cpu())
+    if task_type == "semantic-segmentation":
+        return [m.cpu() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)]
+    if task_type == "object-detection":
+        results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+        return [{key: value.detach().cpu() for key, value in result.items()} for result in results]
+    if task_type == "depth-estimation":
+        results = processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+        return [result["predicted_depth"].detach().float().cpu() for result in results]
+    raise ValueError(f"no post-processing for task type {task_type!r}")
+
+
+def flatten_metrics(result: Mapping[str, Any], id2label: Mapping[int, str] | None = None) -> dict[str, float]:
+    """A metric result as `dict[str, float]`: per-class lists become `iou_<label>` / `accuracy_<label>` entries (classes
+    absent from the split, whose value is NaN, are left out)."""
+    flat = {}
+    for key, value in result.items():
+        if isinstance(value, (list, tuple)):
+            stem = key.removeprefix("per_category_")
+            for class_id, class_value in enumerate(value):
+                if not math.isnan(class_value):
+                    label = id2label.get(class_id, str(class_id)) if id2label else str(class_id)
+                    flat[f"{stem}_{label}"] = float(class_value)
+        else:
+            flat[key] = float(value)
+    return flat
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: torch.nn.Module,
+    processor: ModSquadImageProcessor,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    task: str | int | None = None,
+    batch_size: int = 8,
+    columns: Mapping[str, str] | str | None = None,
+    max_samples: int | None = None,
+    *,
+    threshold: float = 0.0,
+    bbox_format: str | None = None,
+    reduce_labels: bool | None = None,
+    min_depth: float | None = None,
+    max_depth: float | None = None,
+) -> dict[str, float]:
+    """Runs a ModSquad model over a dataset in the Hub schema of its task and returns the task's metrics, computed at
+    the ORIGINAL size of every image.
+
+    Args:
+        model: a `ModSquadFor<Type>` model, or a [`ModSquadForMultiTask`] (then `task` picks the head).
+        processor ([`ModSquadImageProcessor`]): its image processor.
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`): rows in the schema of the task type (see
+            [`modsquad.data.schemas`]).
+        task (`str` or `int`, *optional*): the task to evaluate; defaults to the model's (only) task.
+        batch_size (`int`, *optional*, defaults to 8): images per forward pass.
+        columns (`Mapping[str, str]` or `str`, *optional*): role -> column renames, e.g. `{"label": "fine_label"}`.
+        max_samples (`int`, *optional*): evaluate only the first `max_samples` rows.
+        threshold (`float`, *optional*, defaults to 0.0): detection score threshold. mAP ranks every detection, so
+            keep it low; the processor still keeps at most 100 per image.
+        bbox_format (`str`, *optional*): detection box format of the dataset, `"xywh"` (default, COCO) or `"xyxy"`.
+        reduce_labels (`bool`, *optional*): segmentation datasets whose id 0 is "other" (scene_parse_150).
+        min_depth, max_depth (`float`, *optional*): valid depth range (depth-estimation).
+
+    Returns:
+        `dict[str, float]`: classification `accuracy`, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
+        `overall_accuracy` and `iou_<label>` / `accuracy_<label>`; detection `map`, `map_50`, `map_75`, ... (COCO,
+        -1 where undefined); depth `abs_rel`, `rmse`, `delta1`, `delta2`, `delta3`.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    task_name, pass_task = resolve_task(model, task)
+    entry = model.config.get_task(task_name)
+    task_type = entry["type"]
+    schema = _schema(entry, columns, bbox_format=bbox_format, reduce_labels=reduce_labels)
+    metric = task_metric(entry, min_depth=min_depth, max_depth=max_depth)
+    if getattr(dataset, "column_names", None):
+        schema.check_columns(dataset.column_names)
+    if max_samples is not None:
+        dataset = dataset.take(max_samples)
+
+    was_training = model.training
+    model.eval()
+    parameter = next(model.parameters())
+    task_kwargs = {"task": task_name} if pass_task else {}
+    try:
+        for batch in dataset.iter(batch_size=batch_size):
+            images = schema.images(batch)
+            references = schema.references(batch)
+            sizes = [tuple(image_size(image)) for image in images]
+            pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+            pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+            outputs = model(pixel_values=pixel_values, **task_kwargs)
+            predictions = predictions_at_original_size(processor, outputs, task_type, sizes, threshold)
+            metric.add_batch(predictions=predictions, references=references)
+    finally:
+        model.train(was_training)
+    if len(metric) == 0:
+        raise ValueError("the dataset has no rows to evaluate")
+    return flatten_metrics(metric.compute(), entry.get("id2label"))
+
+
+def _schema(
+    entry: Mapping[str, Any], columns, bbox_format: str | None, reduce_labels: bool | None
+) -> TaskSchema:
+    """The dataset schema of a task entry; options of another task type are an error, not silently dropped."""
+    task_type = entry["type"]
+    options: dict[str, Any] = {}
+    if bbox_format is not None:
+        if task_type != "object-detection":
+            raise ValueError(
+                f"bbox_format applies to object-detection; task {entry['name']!r} is {task_type}"
+            )
+        options["bbox_format"] = bbox_format
+    if reduce_labels is not None:
+        if task_type != "semantic-segmentation":
+            raise ValueError(
+                f"reduce_labels applies to semantic-segmentation; task {entry['name']!r} is {task_type}"
+            )
+        options["reduce_labels"] = reduce_labels
+    if task_type == "semantic-segmentation":
+        options["ignore_index"] = entry.get("ignore_index", 255)
+    return task_schema(task_type, columns, **options)
+
+
+__all__ = [
+    "evaluate_model",
+    "flatten_metrics",
+    "predictions_at_original_size",
+    "resolve_task",
+    "task_metric",
+]

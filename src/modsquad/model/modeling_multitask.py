@@ -1,0 +1,71 @@
+"""The multi-task model: one backbone, the head of every task of the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import (  # noqa: F401  (each registers its task head)
+    head_classification,
+    head_depth,
+    head_detection,
+    head_segmentation,
+)
+from .configuration_modsquad import ModSquadConfig
+from .modeling_heads import build_task_head, run_task_head, task_head_class
+from .modeling_modsquad import ModSquadModel, ModSquadPreTrainedModel
+
+
+class ModSquadForMultiTask(ModSquadPreTrainedModel):
+    """Mod-Squad backbone with the head of every task in `config.tasks`; each call runs one task's batch.
+
+    Weights are stored as `modsquad.*` (backbone) and `heads.<task>.*`, exactly as in the single-task classes, so
+    `ModSquadFor<Type>.from_pretrained(multi_task_folder, task="<task>")` loads one task out of it.
+
+    Args:
+        config ([`ModSquadConfig`]): model configuration.
+
+    Example:
+
+    ```python
+    >>> model = ModSquadForMultiTask(config)
+    >>> seg_out = model(pixel_values, task="seg", labels=seg_maps)  # SemanticSegmenterOutput
+    >>> cls_out = model(pixel_values, task="cls", labels=class_ids)  # ImageClassifierOutput
+    ```"""
+
+    def __init__(self, config: ModSquadConfig):
+        super().__init__(config)
+        self.modsquad = ModSquadModel(config)
+        self.heads = nn.ModuleDict({entry["name"]: build_task_head(config, entry) for entry in config.tasks})
+        self.post_init()
+
+    def _remote_code_classes(self) -> dict[str, type]:
+        classes = super()._remote_code_classes()
+        for entry in self.config.tasks:
+            head = task_head_class(entry["type"])
+            classes[head.auto_class] = head.model_class
+        return classes
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        task: str | int,
+        labels=None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images of one task.
+            task (`str` or `int`): the task of this batch (name or id).
+            labels (*optional*): that task's targets, in the format of its head.
+
+        Returns:
+            The output class of the task's type (e.g. [`ModSquadImageClassifierOutput`]).
+        """
+        head = self.heads[self.config.get_task(task)["name"]]
+        return run_task_head(self.modsquad, head, pixel_values, labels, output_hidden_states, return_dict)
+
+
+__all__ = ["ModSquadForMultiTask"]

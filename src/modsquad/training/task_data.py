@@ -1,0 +1,268 @@
+"""From a training recipe to what the training loop is handed: each task's data as a [`TaskData`] (its splits loaded
+or the demo benchmark generated, its labels read, its rows wrapped in a `TaskDataAdapter`) and the multi-task model
+over all task entries. Built above the loop, as in Accelerate's examples: `train(recipe, model, tasks, processor)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from ..data.adapter import TaskDataAdapter
+from ..data.batching import AdaptedDataset
+from ..data.demo import demo_task_configs, make_demo_datasets
+from ..data.loading import load_task_dataset
+from ..data.mixing import epoch_seed
+from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModSquadConfig
+from ..model.image_processing_modsquad import ModSquadImageProcessor
+from ..model.modeling_multitask import ModSquadForMultiTask
+from .recipe import TaskRecipe, TrainingRecipe
+
+
+@dataclass
+class TaskData:
+    r"""
+    The data of one task, ready for training.
+
+    Args:
+        name (`str`): task name (as in the model config).
+        train_dataset: map-style training dataset.
+        make_loader (`Callable`): `(rows, epoch) -> iterable of batches` over the rows `rows` of `train_dataset`, in
+            that order (a non-shuffling DataLoader of `batch_size` that keeps every row; see [`TaskStream`]).
+            Batches are dicts with `pixel_values` and `labels`.
+        batch_size (`int`): training batch size per process.
+        eval_dataset (*optional*): evaluation dataset in its Hub schema (what `evaluate_model` reads).
+        processor (*optional*): the image processor that evaluation uses for this task.
+        eval_columns (`dict`, *optional*): column renames for `evaluate_model`.
+        eval_options (`dict`, *optional*): more keyword arguments of `evaluate_model` (`bbox_format`,
+            `reduce_labels`, `threshold`, ...).
+        eval_batch_size (`int`, *optional*, defaults to 8): evaluation batch size.
+        max_eval_samples (`int`, *optional*): evaluate on the first rows only.
+        loss_weight (`float`, *optional*, defaults to 1.0): fixed task weight.
+        config_entry (`dict`, *optional*): the task's entry of `ModSquadConfig.tasks` (to build a model from).
+    """
+
+    name: str
+    train_dataset: Any
+    make_loader: Callable[[list[int], int], Iterable]
+    batch_size: int
+    eval_dataset: Any | None = None
+    processor: Any | None = None
+    eval_columns: dict[str, str] | None = None
+    eval_options: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 8
+    max_eval_samples: int | None = None
+    loss_weight: float = 1.0
+    config_entry: dict[str, Any] | None = None
+
+    def evaluation_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `evaluate_model` for this task's evaluation data (besides model, processor
+        and dataset)."""
+        return {
+            "batch_size": self.eval_batch_size,
+            "columns": self.eval_columns,
+            "max_samples": self.max_eval_samples,
+            **self.eval_options,
+        }
+
+
+# Keys of a `dataset: {demo: true, ...}` entry, passed to `make_demo_datasets`.
+DEMO_KEYS = ("num_train", "num_val", "image_size", "seed")
+
+
+def load_task_splits(task: TaskRecipe, demo_cache: dict | None = None) -> tuple[Any, Any | None]:
+    """The training split and the evaluation split (or `None`) of one task of a recipe.
+
+    `task.dataset` is either `{"demo": true, num_train, num_val, image_size, seed}` (the generated benchmark; the task
+    name, or `demo_task`, picks which of its tasks) or keyword arguments of `load_task_dataset` (`path`, `data_files`,
+    `name`, ...).
+    """
+    spec = dict(task.dataset)
+    if spec.pop("demo", False):
+        demo_task = spec.pop("demo_task", task.name)
+        unknown = sorted(set(spec) - set(DEMO_KEYS))
+        if unknown:
+            raise ValueError(
+                f"tasks.{task.name}.dataset: unknown demo keys {unknown}; accepted: {list(DEMO_KEYS)}"
+            )
+        demo_tasks = [entry["name"] for entry in demo_task_configs()]
+        if demo_task not in demo_tasks:
+            raise ValueError(f"tasks.{task.name}: no demo task {demo_task!r}; demo tasks are {demo_tasks}")
+        # Several recipe tasks may read one generated task (e.g. two orders of one dataset): generate it once.
+        key = (demo_task, *sorted(spec.items()))
+        cache = demo_cache if demo_cache is not None else {}
+        if key not in cache:
+            cache[key] = make_demo_datasets(**spec, tasks=[demo_task])[demo_task]
+        splits = cache[key]
+    else:
+        if not spec:
+            raise ValueError(
+                f"tasks.{task.name}.dataset is empty: give `path` (a folder, data file or Hub id) or `demo: true`"
+            )
+        splits = load_task_dataset(**spec)
+    if task.train_split not in splits:
+        raise ValueError(f"tasks.{task.name}: no split {task.train_split!r}; the dataset has {list(splits)}")
+    train = splits[task.train_split]
+    evaluation = None
+    if task.eval_split is not None:
+        if task.eval_split not in splits:
+            raise ValueError(
+                f"tasks.{task.name}: no evaluation split {task.eval_split!r}; the dataset has {list(splits)} "
+                "(set eval_split: null to skip evaluation)"
+            )
+        evaluation = splits[task.eval_split]
+    if task.max_train_samples is not None:
+        train = train.select(range(min(task.max_train_samples, len(train))))
+    return train, evaluation
+
+
+def task_entry(task: TaskRecipe, train_dataset: Any) -> dict[str, Any]:
+    """The task's entry of `ModSquadConfig.tasks`: name, type, labels (given, from the demo benchmark, or read from the
+    dataset's `ClassLabel` feature) and the recipe's extra `head` fields."""
+    demo = {entry["name"]: entry for entry in demo_task_configs()}
+    base: dict[str, Any] = {}
+    if task.dataset.get("demo"):
+        base = dict(demo[task.dataset.get("demo_task", task.name)])
+    entry = {**base, "name": task.name, **dict(task.head)}
+    if task.type is not None:
+        entry["type"] = task.type
+    if "type" not in entry:
+        raise ValueError(f"tasks.{task.name}: `type` is required; accepted types are {list(TASK_TYPES)}")
+    if task.labels is not None:
+        entry["labels"] = list(task.labels)
+        entry.pop("id2label", None)
+    if entry["type"] in LABELLED_TASK_TYPES and not any(
+        k in entry for k in ("labels", "id2label", "num_labels")
+    ):
+        names = class_names(train_dataset, entry["type"], task.columns)
+        if names is None:
+            raise ValueError(
+                f"tasks.{task.name}: the dataset has no ClassLabel feature to read class names from; give `labels` "
+                "(a list of names) or head: {num_labels: N} in the recipe"
+            )
+        entry["labels"] = names
+    return entry
+
+
+def class_names(dataset: Any, task_type: str, columns: dict[str, str] | None = None) -> list[str] | None:
+    """Class names from the `ClassLabel` feature of a classification `label` or detection `objects.category`."""
+    features = getattr(dataset, "features", None) or {}
+    columns = columns or {}
+    if task_type == "image-classification":
+        feature = features.get(columns.get("label", "label"))
+    elif task_type == "object-detection":
+        objects = features.get(columns.get("objects", "objects"), {})
+        feature = objects.get(columns.get("category", "category")) if isinstance(objects, dict) else None
+        feature = getattr(feature, "feature", feature)  # List(ClassLabel) -> ClassLabel
+    else:
+        return None
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def make_train_loader(
+    dataset: Any, adapter: TaskDataAdapter, batch_size: int, num_workers: int, seed: int, task_index: int
+):
+    """The `make_loader(rows, epoch)` of a [`TaskStream`]: a DataLoader over the adapted rows `rows`, in order.
+
+    Each row's augmentation is seeded by `(epoch seed, row index)` (what `AdaptedDataset` does with a `(row, seed)`
+    key), never by its position in the loader, so a run resumed mid-epoch augments exactly as the uninterrupted one.
+    """
+    adapted = AdaptedDataset(dataset, adapter)
+
+    def make_loader(rows: list[int], epoch: int) -> Iterable:
+        seed_of_epoch = epoch_seed(seed, task_index, epoch)
+        return DataLoader(
+            adapted,
+            batch_size=batch_size,
+            sampler=[(row, seed_of_epoch) for row in rows],
+            collate_fn=adapter.collate,
+            num_workers=num_workers,
+            drop_last=False,
+        )
+
+    return make_loader
+
+
+def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tuple[list[TaskData], Any]:
+    """Loads every task of `recipe` and returns its [`TaskData`] (with the model task entry in `config_entry`) and the
+    image processor to save with the model (at the largest task resolution, unless one is given)."""
+    demo_cache: dict = {}
+    tasks = []
+    for index, task in enumerate(recipe.tasks):
+        train, evaluation = load_task_splits(task, demo_cache)
+        entry = task_entry(task, train)
+        task_processor = ModSquadImageProcessor(size={"height": task.image_size, "width": task.image_size})
+        adapter = TaskDataAdapter(
+            entry,
+            task_processor,
+            train=True,
+            image_size=task.image_size,
+            columns=task.columns,
+            augment=task.augment,
+            schema_options=task.schema,
+        )
+        tasks.append(
+            TaskData(
+                name=task.name,
+                train_dataset=train,
+                make_loader=make_train_loader(
+                    train, adapter, task.batch_size, recipe.training.num_workers, recipe.seed, index
+                ),
+                batch_size=task.batch_size,
+                eval_dataset=evaluation,
+                processor=task_processor,
+                eval_columns=task.columns,
+                eval_options=dict(task.schema),
+                eval_batch_size=task.eval_batch_size or task.batch_size,
+                max_eval_samples=task.max_eval_samples,
+                loss_weight=task.loss_weight,
+                config_entry=entry,
+            )
+        )
+    if processor is None:
+        size = max(task.image_size for task in recipe.tasks)
+        processor = ModSquadImageProcessor(size={"height": size, "width": size})
+    return tasks, processor
+
+
+def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMultiTask:
+    """A new [`ModSquadForMultiTask`] from `recipe.model.config` over the tasks' entries, or the pretrained one.
+
+    Seeds with `recipe.seed` first, so that every process of a run builds the same initial weights."""
+    set_seed(recipe.seed)
+    entries = [task.config_entry for task in tasks]
+    if any(entry is None for entry in entries):
+        raise ValueError("every TaskData needs its config_entry to build a model from a recipe")
+    options = {}
+    if recipe.model.experts_implementation is not None:
+        options["experts_implementation"] = recipe.model.experts_implementation
+    if recipe.model.pretrained:
+        model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
+        if model.config.task_names != [e["name"] for e in entries]:
+            raise ValueError(
+                f"the pretrained model has tasks {model.config.task_names}, the recipe {[e['name'] for e in entries]}"
+            )
+        return model
+    fields = dict(recipe.model.config)
+    if "tasks" in fields:
+        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
+    fields.setdefault("image_size", max(task.image_size for task in recipe.tasks))
+    model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
+    if recipe.model.experts_implementation is not None:
+        model.set_experts_implementation(recipe.model.experts_implementation)
+    return model
+
+
+__all__ = [
+    "TaskData",
+    "build_model",
+    "build_task_data",
+    "class_names",
+    "load_task_splits",
+    "make_train_loader",
+    "task_entry",
+]
