@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -35,6 +36,24 @@ def tiny_config(tasks: list[dict] | None = None, **overrides) -> modsquad.ModSqu
     )
     kwargs.update(overrides)
     return modsquad.ModSquadConfig(**kwargs)
+
+
+@pytest.fixture(name="tiny_config")
+def tiny_config_fixture():
+    """The factory `tiny_config(tasks=None, **overrides)`: a 4-block, 64-wide config on 32x32 images."""
+    return tiny_config
+
+
+@pytest.fixture(name="all_tasks")
+def all_tasks_fixture() -> list[dict]:
+    """A classification, a segmentation, a detection and a depth task entry (fresh copies)."""
+    return copy.deepcopy(ALL_TASKS)
+
+
+@pytest.fixture(name="bright_shapes")
+def bright_shapes_fixture():
+    """The factory `bright_shapes(num_images, size, generator)` (see the function)."""
+    return bright_shapes
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ from transformers import AutoModel, AutoModelForImageClassification
 from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadModel
 from modsquad.adaptation.continual import add_task, merge_added_task
-from modsquad.pruning.usage import collect_expert_usage
 from modsquad.pruning.prune import prune_for_task
+from modsquad.pruning.usage import collect_expert_usage
 
 NEW_TASK = {"name": "shapes", "type": "image-classification", "labels": ["a", "b", "c", "d"]}
 # Two old tasks with light heads: what must not change is the shared backbone.

@@ -14,8 +14,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import modsquad.model.moe as moe
 from conftest import tiny_config
 from modsquad import SORTED_MM, ModSquadForImageClassification
-from modsquad.commands.benchmark import MoECase, format_table, measure_case
 from modsquad.cli import main
+from modsquad.commands.benchmark import MoECase, format_table, measure_case
 from modsquad.model.modeling_modsquad import eager_attention_forward
 from modsquad.model.moe import ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
 from modsquad.model.sorted_mm import ExpertDispatch

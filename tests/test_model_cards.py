@@ -15,10 +15,10 @@ from PIL import Image
 
 from hub_server import validate_card
 from modsquad.cli import main
-from modsquad.hub.push import check_repo_id
 from modsquad.hub.model_card import render_run_cards
-from modsquad.run_folder import RunFolder
+from modsquad.hub.push import check_repo_id
 from modsquad.pruning.run import format_prune_table, prune_run
+from modsquad.run_folder import RunFolder
 from pruning_helpers import CLS_TASK, NUM_EXPERTS, SEG_TASK, make_run_folder, pixel_loader
 
 REPO = "org/modsquad-tiny"

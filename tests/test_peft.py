@@ -16,9 +16,9 @@ from modsquad import (
     ModSquadForObjectDetection,
     ModSquadForSemanticSegmentation,
 )
-from modsquad.pruning.usage import collect_expert_usage
 from modsquad.adaptation.lora import lora_config_for
 from modsquad.pruning.prune import prune_for_task
+from modsquad.pruning.usage import collect_expert_usage
 
 PETS = {"name": "pets", "type": "image-classification", "labels": ["cat", "dog", "fish"]}
 

@@ -22,8 +22,8 @@ from modsquad import (
     compare_pruned_outputs,
     prune_for_task,
 )
-from modsquad.pruning.usage import router_layout
 from modsquad.pruning.prune import select_experts
+from modsquad.pruning.usage import router_layout
 from pruning_helpers import (
     CLS_TASK,
     DEPTH_TASK,

@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import tiny_config
 from modsquad import ModSquadConfig, ModSquadForMultiTask
-from modsquad.training.checkpointing import list_checkpoints
 from modsquad.data.demo import demo_task_configs
 from modsquad.data.mixing import MultiTaskMixer, subset
+from modsquad.training.checkpointing import list_checkpoints
+from modsquad.training.recipe import load_recipe
 from modsquad.training.step import MultiTaskStep, TaskLossWeighting
 from modsquad.training.trainer import TaskData, train
-from modsquad.training.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
