@@ -22,7 +22,7 @@ from modsquad.training.trainer import TaskData, train
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TWO_TASKS = [
     {"name": "colour", "type": "image-classification", "num_labels": 3},
     {"name": "bright", "type": "image-classification", "num_labels": 2},

@@ -13,7 +13,7 @@ from modsquad.training.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_writes_the_whole_run_folder(tmp_path, capsys):

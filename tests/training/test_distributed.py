@@ -21,7 +21,7 @@ from modsquad.training.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "training" / "train.py"
 DEMO = {"demo": True, "num_train": 16, "num_val": 4, "image_size": 32, "seed": 0}
 MODEL = {

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForMultiTask, ModSquadImageProcessor, collect_expert_usage, prune_for_task
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _load_example(name: str):
