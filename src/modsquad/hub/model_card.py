@@ -20,7 +20,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import task_head_class
-from ..pruning.usage import ExpertUsage
 from ..run_folder import (
     PRUNING_FILE,
     USAGE_FILE,
@@ -123,12 +122,12 @@ def _citation() -> str:
     return CITATION_FILE.read_text(encoding="utf-8").strip()
 
 
-def _usage_source(usage: ExpertUsage) -> str:
-    if usage.source == "calibration":
-        return f"counted over {usage.tokens} tokens of calibration data"
-    return (
-        "exponential moving average during training" if usage.source == "ema" else usage.source or "recorded"
-    )
+def _usage_source(record: Mapping[str, Any]) -> str:
+    """Where an expert-usage record (one task's entry of `expert_usage.json`, see `ExpertUsage.to_dict`) came from."""
+    source = record.get("source")
+    if source == "calibration":
+        return f"counted over {record.get('tokens', 0)} tokens of calibration data"
+    return "exponential moving average during training" if source == "ema" else source or "recorded"
 
 
 def _eval_results(
@@ -207,8 +206,8 @@ def render_multitask_card(
     )
     usage_plot, usage_source = None, None
     if (folder / USAGE_FILE).is_file() and (folder / USAGE_PLOT).is_file():
-        usages = [ExpertUsage.from_dict(u) for u in json.loads((folder / USAGE_FILE).read_text())]
-        usage_plot, usage_source = USAGE_PLOT, _usage_source(usages[0]) if usages else None
+        records = json.loads((folder / USAGE_FILE).read_text())
+        usage_plot, usage_source = USAGE_PLOT, _usage_source(records[0]) if records else None
     return ModelCard.from_template(
         data,
         template_path=str(MULTITASK_TEMPLATE),
@@ -343,7 +342,7 @@ def render_task_card(
     usage_plot, usage_source = None, None
     if (folder / USAGE_FILE).is_file() and (folder / USAGE_PLOT).is_file():
         usage_plot = USAGE_PLOT
-        usage_source = _usage_source(ExpertUsage.from_dict(json.loads((folder / USAGE_FILE).read_text())))
+        usage_source = _usage_source(json.loads((folder / USAGE_FILE).read_text()))
     if parent_name:
         parent_link = f"[{parent_name}](https://huggingface.co/{parent_name})"
     else:

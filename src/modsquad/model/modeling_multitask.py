@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import (  # noqa: F401  (each registers its task head)
-    head_classification,
-    head_depth,
-    head_detection,
-    head_segmentation,
-)
 from .configuration_modsquad import ModSquadConfig
+
+# Importing the head modules registers every task type's head. Named imports, one per module: Transformers finds the
+# modules a remote-code file needs by its `from .module import` lines.
+from .head_classification import ModSquadImageClassificationHead  # noqa: F401
+from .head_depth import ModSquadDepthEstimationHead  # noqa: F401
+from .head_detection import ModSquadObjectDetectionHead  # noqa: F401
+from .head_segmentation import ModSquadSemanticSegmentationHead  # noqa: F401
 from .modeling_heads import build_task_head, run_task_head, task_head_class
 from .modeling_modsquad import ModSquadModel, ModSquadPreTrainedModel
 
