@@ -16,6 +16,7 @@ import argparse
 import json
 
 from ..training.recipe import TrainingRecipe, load_recipe
+from ..training.starting_point import resolve_starting_point
 from ..training.task_data import build_model, build_task_data
 from ..training.trainer import TrainResult, train
 
@@ -69,9 +70,13 @@ def recipe_from_args(args: argparse.Namespace):
 
 
 def train_recipe(recipe: TrainingRecipe) -> TrainResult:
-    """Builds the recipe's data and model, then trains: what `modsquad train` and `training/train.py` run."""
-    tasks, processor = build_task_data(recipe)
-    model = build_model(recipe, tasks)
+    """Builds the recipe's data and model, then trains: what `modsquad train` and `training/train.py` run.
+
+    The model's starting point (a dense or ModSquad checkpoint, or none) is read and checked first, so a bad
+    `model.pretrained` fails before any data is loaded."""
+    start = resolve_starting_point(recipe)
+    tasks, processor = build_task_data(recipe, start=start)
+    model = build_model(recipe, tasks, start=start)
     return train(recipe, model, tasks, processor)
 
 
