@@ -261,6 +261,11 @@ def test_shipped_dense_recipe_builds_a_valid_model_config(tmp_path, mode):
         entries.append(entry)
     config = modsquad_config_from_dense(start.config, mode, tasks=entries, **recipe.model.config)
     assert config.task_names == recipe.task_names and config.moe_layer_indices == [1]
+    # The single-task dense baseline of the recipe's comments (`--only-task seg model.config.moe_layers=[]`): the
+    # pretrained ViT itself, its MLPs at their full width.
+    fields = {**recipe.model.config, "moe_layers": []}
+    baseline = modsquad_config_from_dense(start.config, mode, tasks=entries[2:3], **fields)
+    assert (baseline.moe_layer_indices, baseline.intermediate_size) == ([], 64)
 
 
 def free_port() -> int:
