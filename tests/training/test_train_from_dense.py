@@ -201,7 +201,8 @@ ERRORS = {
     "size not whole patches": (
         lambda d: str(dinov2_folder(d / "dense")),
         ["tasks.seg.image_size=40"],
-        r"tasks.seg.image_size=40 is not a multiple of the patch size 14 of .*; accepted: multiples of 14, e.g. 28 or 42",
+        r"tasks.seg.image_size=40 is not a multiple of the patch size 14 of .*; "
+        r"accepted: multiples of 14, e.g. 28 or 42",
     ),
     "partition top-k": (
         lambda d: str(dinov2_folder(d / "dense")),

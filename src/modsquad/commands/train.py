@@ -6,10 +6,10 @@ on a machine without GPUs this starts two CPU processes joined by gloo, whereas 
 only one), or `accelerate launch --config_file training/accelerate/cpu_2proc.yaml training/train.py ...`.
 Single-task baseline of the same active size: `--only-task seg model.config.moe_layers=[]` (dense MLPs as wide as
 the active experts; from a dense checkpoint, the pretrained ViT itself). Start from a pretrained dense ViT / DeiT /
-DINOv2 with `model.pretrained=facebook/dinov2-small` (or a folder): it is upcycled, and the image processors take its
-mean, std and resolution (see training/configs/real_from_dense.yaml). Resume after an interruption (SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest
-checkpoint of the run folder) or `--resume path/to/checkpoints/step_00000200`. An interrupted run exits with
-`128 + signal`.
+DINOv2 with `model.pretrained=facebook/dinov2-small` (or a folder): it is upcycled, and the image processors take
+its mean, std and resolution (see training/configs/real_from_dense.yaml). Resume after an interruption
+(SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest checkpoint of the run folder) or
+`--resume path/to/checkpoints/step_00000200`. An interrupted run exits with `128 + signal`.
 """
 
 from __future__ import annotations

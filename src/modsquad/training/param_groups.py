@@ -121,8 +121,9 @@ def learning_rate_groups(
 
 
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The current learning rate of each named group of `optimizer` (decayed and not-decayed halves share it)."""
-    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    """The current learning rate of each named group of `optimizer` (decayed and not-decayed halves share it).
+    Groups restored from a checkpoint written before groups had names are the two halves of `"all"`."""
+    return {group.get("name", "all"): group["lr"] for group in optimizer.param_groups}
 
 
 __all__ = ["NO_DECAY", "backbone_layer_ids", "group_learning_rates", "learning_rate_groups"]

@@ -255,8 +255,10 @@ def build_model(
     options = {}
     if recipe.model.experts_implementation is not None:
         options["experts_implementation"] = recipe.model.experts_implementation
+    if "tasks" in recipe.model.config:
+        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
     if start.is_dense:
-        return upcycled_model(recipe, entries)
+        return _upcycled_model(recipe, entries)
     if recipe.model.pretrained:
         model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
         if model.config.task_names != [e["name"] for e in entries]:
@@ -265,8 +267,6 @@ def build_model(
             )
         return model
     fields = dict(recipe.model.config)
-    if "tasks" in fields:
-        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
     fields.setdefault("image_size", max(start.image_size(task) for task in recipe.tasks))
     model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
     if recipe.model.experts_implementation is not None:
@@ -274,12 +274,9 @@ def build_model(
     return model
 
 
-def upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> ModSquadForMultiTask:
+def _upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> ModSquadForMultiTask:
     """[`ModSquadForMultiTask.from_dense`] of the recipe's dense `model.pretrained`, with `model.config`'s MoE fields
     and `model.upcycling`'s options, in float32 (mixed precision is the loop's business)."""
-    fields = dict(recipe.model.config)
-    if "tasks" in fields:
-        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
     options = recipe.model.upcycling
     model = ModSquadForMultiTask.from_dense(
         recipe.model.pretrained,
@@ -287,7 +284,7 @@ def upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> Mod
         dense_kwargs={"dtype": torch.float32},
         upcycling_mode=options.get("mode", "copy"),
         tasks=entries,
-        **fields,
+        **recipe.model.config,
     )
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
@@ -302,5 +299,4 @@ __all__ = [
     "load_task_splits",
     "make_train_loader",
     "task_entry",
-    "upcycled_model",
 ]
