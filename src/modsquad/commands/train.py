@@ -5,9 +5,11 @@ Several processes: `accelerate launch --multi_gpu --num_processes 2 training/tra
 on a machine without GPUs this starts two CPU processes joined by gloo, whereas `--cpu --num_processes 2` starts
 only one), or `accelerate launch --config_file training/accelerate/cpu_2proc.yaml training/train.py ...`.
 Single-task baseline of the same active size: `--only-task seg model.config.moe_layers=[]` (dense MLPs as wide as
-the active experts). Resume after an interruption (SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest
-checkpoint of the run folder) or `--resume path/to/checkpoints/step_00000200`. An interrupted run exits with
-`128 + signal`.
+the active experts; from a dense checkpoint, the pretrained ViT itself). Start from a pretrained dense ViT / DeiT /
+DINOv2 with `model.pretrained=facebook/dinov2-small` (or a folder): it is upcycled, and the image processors take
+its mean, std and resolution (see training/configs/real_from_dense.yaml). Resume after an interruption
+(SIGINT/SIGTERM save a checkpoint first): add `--resume` (newest checkpoint of the run folder) or
+`--resume path/to/checkpoints/step_00000200`. An interrupted run exits with `128 + signal`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 
 from ..training.recipe import TrainingRecipe, load_recipe
+from ..training.starting_point import resolve_starting_point
 from ..training.task_data import build_model, build_task_data
 from ..training.trainer import TrainResult, train
 
@@ -69,9 +72,13 @@ def recipe_from_args(args: argparse.Namespace):
 
 
 def train_recipe(recipe: TrainingRecipe) -> TrainResult:
-    """Builds the recipe's data and model, then trains: what `modsquad train` and `training/train.py` run."""
-    tasks, processor = build_task_data(recipe)
-    model = build_model(recipe, tasks)
+    """Builds the recipe's data and model, then trains: what `modsquad train` and `training/train.py` run.
+
+    The model's starting point (a dense or ModSquad checkpoint, or none) is read and checked first, so a bad
+    `model.pretrained` fails before any data is loaded."""
+    start = resolve_starting_point(recipe)
+    tasks, processor = build_task_data(recipe, start=start)
+    model = build_model(recipe, tasks, start=start)
     return train(recipe, model, tasks, processor)
 
 

@@ -365,15 +365,16 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         task: str | None = None,
         router_init_std: float | None = None,
         dense_kwargs: dict | None = None,
+        upcycling_mode: str = "copy",
         **config_kwargs,
     ) -> ModSquadPreTrainedModel:
         r"""
         Sparse upcycling: builds this class from a dense ViT, DeiT or DINOv2 (patch and position embeddings,
-        attention, norms copied; every expert a copy of its block's MLP, `expert_intermediate_size` = the dense MLP
-        width). With the default `norm_topk_prob=True` the upcycled backbone computes what the dense one does: DeiT
-        exactly (task tokens take the distillation token's slot); ViT and DINOv2 with the task token, initialised as
-        a copy of `[CLS]`, added to the sequence. DINOv2's layer scales are folded into the output projections; the
-        ViT pooler and dense heads are left out (heads start fresh).
+        attention, norms copied; the experts built from their block's MLP). With the default `norm_topk_prob=True`
+        the upcycled backbone computes what the dense one does: DeiT exactly (task tokens take the distillation
+        token's slot); ViT and DINOv2 with the task token, initialised as a copy of `[CLS]`, added to the sequence.
+        DINOv2's layer scales are folded into the output projections; the ViT pooler and dense heads are left out
+        (heads start fresh).
 
         Args:
             model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a dense model (backbone or head model), a
@@ -383,6 +384,11 @@ class ModSquadPreTrainedModel(PreTrainedModel):
                 `initializer_range`; identical experts need a random router to receive different tokens. 0 keeps
                 zero routers.
             dense_kwargs (`dict`, *optional*): `from_pretrained` arguments for loading `model_or_path`.
+            upcycling_mode (`str`, *optional*, defaults to `"copy"`): `"copy"`: every expert a copy of the dense MLP
+                (`expert_intermediate_size` = the MLP width; top-k costs k dense MLPs per token). `"partition"`:
+                compute-matched experts, each a slice of `1 / num_experts_per_tok` of the MLP's hidden units, so the
+                k active experts cost one dense MLP; routers start grouped so that every token picks all slices
+                once (exact at initialisation; see `modsquad.adaptation.upcycling`).
             config_kwargs: other [`ModSquadConfig`] fields: `tasks`, `num_experts`, `num_experts_per_tok`,
                 `moe_layers`, `moe_attention`, ... (the shape fields come from the dense checkpoint).
 
@@ -401,7 +407,9 @@ class ModSquadPreTrainedModel(PreTrainedModel):
             raise ImportError(
                 "from_dense (sparse upcycling) needs the modsquad package: pip install modsquad"
             ) from error
-        return upcycling.upcycle(cls, model_or_path, task, router_init_std, dense_kwargs, **config_kwargs)
+        return upcycling.upcycle(
+            cls, model_or_path, task, router_init_std, dense_kwargs, mode=upcycling_mode, **config_kwargs
+        )
 
     def _remote_code_classes(self) -> dict[str, type]:
         """Auto class -> model class, for the `auto_map` of a saved folder: the backbone, plus what subclasses add

@@ -6,6 +6,7 @@ A recipe has five sections (see `training/configs/*.yaml`):
 output_dir: runs/demo
 seed: 0
 model: {config: {hidden_size: 192, ...}, pretrained: null}   # ModSquadConfig fields; tasks come from `tasks`
+# or: model: {pretrained: facebook/dinov2-small, config: {num_experts: 16, ...}, upcycling: {mode: copy}}
 tasks:                                                      # one entry per task, in task-id order
   - {name: cls, type: image-classification, dataset: {path: ...}, batch_size: 32, image_size: 64}
 mixing: {strategy: simt, temperature: 2.0}
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ..adaptation.upcycling import UPCYCLING_MODES
 from ..data.mixing import STRATEGIES
 from ..model.configuration_modsquad import TASK_TYPES
 
@@ -57,6 +59,7 @@ def parse_yaml(text: str):
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("csv", "tensorboard", "none")
+UPCYCLING_OPTIONS = ("mode", "router_init_std")
 
 
 @dataclass
@@ -79,7 +82,9 @@ class TaskRecipe:
         head (`dict`, *optional*): extra fields of the model's task entry (`ignore_index`, `max_depth`, ...).
         batch_size (`int`, *optional*, defaults to 32): training batch size per process.
         eval_batch_size (`int`, *optional*): evaluation batch size; defaults to `batch_size`.
-        image_size (`int`, *optional*, defaults to 224): training and evaluation resolution of this task.
+        image_size (`int`, *optional*): training and evaluation resolution of this task (a multiple of the patch
+            size; position embeddings are interpolated). Defaults to the resolution of the checkpoint the model starts
+            from (its image processor's crop or resize size), or 224 from scratch.
         augment (`bool` or `dict`, *optional*, defaults to `True`): training augmentation (a dict overrides the
             task type's `AugmentConfig` defaults).
         loss_weight (`float`, *optional*, defaults to 1.0): fixed weight of the task loss (and the prior weight
@@ -98,7 +103,7 @@ class TaskRecipe:
     head: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     eval_batch_size: int | None = None
-    image_size: int = 224
+    image_size: int | None = None
     augment: bool | dict[str, Any] = True
     loss_weight: float = 1.0
     max_train_samples: int | None = None
@@ -109,9 +114,8 @@ class TaskRecipe:
             raise ValueError(f"task name must be a Python identifier, got {self.name!r}")
         if self.type is not None and self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: type={self.type!r}; accepted: {list(TASK_TYPES)}")
-        for key in ("batch_size", "image_size"):
-            _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
-        for key in ("eval_batch_size", "max_train_samples", "max_eval_samples"):
+        _check_positive_int(f"tasks.{self.name}.batch_size", self.batch_size)
+        for key in ("image_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
             if getattr(self, key) is not None:
                 _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
         if not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
@@ -126,15 +130,49 @@ class ModelRecipe:
     The model to train.
 
     Args:
-        config (`dict`, *optional*): `ModSquadConfig` fields; `tasks` is filled from the recipe's tasks and
-            `image_size` defaults to the largest task resolution.
-        pretrained (`str`, *optional*): a folder or Hub id to start from instead (its tasks must match).
+        config (`dict`, *optional*): `ModSquadConfig` fields; `tasks` is filled from the recipe's tasks and, from
+            scratch, `image_size` defaults to the largest task resolution. Upcycling a dense checkpoint takes its
+            shape (`hidden_size`, `num_hidden_layers`, `patch_size`, ...) from it: those may be left out, or given
+            with the checkpoint's values; the MoE fields (`num_experts`, `num_experts_per_tok`, `moe_layers`,
+            `moe_attention`, ...) say how it is upcycled.
+        pretrained (`str`, *optional*): a folder or Hub id to start from: a ModSquad checkpoint (its tasks must
+            match) or a dense ViT / DeiT / DINOv2 (e.g. `facebook/dinov2-small`), upcycled into the model of
+            `config`. The image processors take their mean, std, resampling and default resolution from it.
         experts_implementation (`str`, *optional*): experts kernel (`"sorted_mm"` by default, `"grouped_mm"`, ...).
+        upcycling (`dict`, *optional*): options for a dense `pretrained`: `mode` (`"copy"`, the default: every
+            expert a copy of the dense MLP; `"partition"`: compute-matched experts, each `1 / num_experts_per_tok` of
+            its hidden units) and `router_init_std` (std of the routers' random init; defaults to the checkpoint's
+            `initializer_range`). See `modsquad.adaptation.upcycling`.
     """
 
     config: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     experts_implementation: str | None = None
+    upcycling: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.config, dict):
+            raise ValueError(f"model.config must be a mapping of ModSquadConfig fields, got {self.config!r}")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+            raise ValueError(f"model.pretrained must be a folder or Hub id, got {self.pretrained!r}")
+        if not isinstance(self.upcycling, dict):
+            raise ValueError(f"model.upcycling must be a mapping, got {self.upcycling!r}")
+        unknown = sorted(set(self.upcycling) - set(UPCYCLING_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown keys {unknown} in model.upcycling; accepted: {list(UPCYCLING_OPTIONS)}"
+            )
+        mode = self.upcycling.get("mode", "copy")
+        if mode not in UPCYCLING_MODES:
+            raise ValueError(f"model.upcycling.mode={mode!r}; accepted: {list(UPCYCLING_MODES)}")
+        std = self.upcycling.get("router_init_std")
+        if std is not None and (not isinstance(std, (int, float)) or isinstance(std, bool) or std < 0):
+            raise ValueError(f"model.upcycling.router_init_std must be a number >= 0, got {std!r}")
+        if self.upcycling and not self.pretrained:
+            raise ValueError(
+                "model.upcycling applies when model.pretrained names a dense ViT / DeiT / DINOv2 checkpoint; "
+                "set model.pretrained or remove model.upcycling"
+            )
 
 
 @dataclass
@@ -167,7 +205,15 @@ class OptimizationRecipe:
     Optimiser, schedule and loss weighting.
 
     Args:
-        learning_rate (`float`, *optional*, defaults to 1e-3): peak AdamW learning rate.
+        learning_rate (`float`, *optional*, defaults to 1e-3): peak AdamW learning rate (of every parameter, unless
+            `backbone_learning_rate` or `layer_decay` say otherwise for the backbone).
+        backbone_learning_rate (`float`, *optional*): peak learning rate of the backbone's parameters that a
+            pretrained checkpoint provides: patch and position embeddings, `[CLS]`, attention, norms, MLPs and MLP /
+            attention experts (upcycled from the pretrained MLP and attention). `learning_rate` stays that of what is
+            new: task heads, routers, task tokens and loss log-variances. Defaults to `learning_rate`.
+        layer_decay (`float`, *optional*, defaults to 1.0): layer-wise decay of the backbone learning rate (BEiT):
+            with `L` blocks, the embeddings are layer 0, block `i` layer `i + 1`, the final norm layer `L + 1`, and a
+            parameter of layer `l` gets `backbone_learning_rate * layer_decay ** (L + 1 - l)`. In (0, 1].
         weight_decay (`float`, *optional*, defaults to 0.05): decoupled weight decay (not applied to biases, norms,
             tokens, position embeddings and loss log-variances).
         betas (`list[float]`, *optional*, defaults to `[0.9, 0.999]`): AdamW betas.
@@ -180,6 +226,8 @@ class OptimizationRecipe:
     """
 
     learning_rate: float = 1e-3
+    backbone_learning_rate: float | None = None
+    layer_decay: float = 1.0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
@@ -195,6 +243,12 @@ class OptimizationRecipe:
             )
         if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
             raise ValueError(f"optimization.learning_rate must be a number > 0, got {self.learning_rate!r}")
+        rate = self.backbone_learning_rate
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+            raise ValueError(f"optimization.backbone_learning_rate must be a number > 0, got {rate!r}")
+        decay = self.layer_decay
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay <= 1:
+            raise ValueError(f"optimization.layer_decay must be a number in (0, 1], got {decay!r}")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(
                 f"optimization.warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1], got "

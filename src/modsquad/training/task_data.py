@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
@@ -20,6 +21,7 @@ from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModS
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from ..model.modeling_multitask import ModSquadForMultiTask
 from .recipe import TaskRecipe, TrainingRecipe
+from .starting_point import StartingPoint, resolve_starting_point
 
 
 @dataclass
@@ -187,20 +189,29 @@ def make_train_loader(
     return make_loader
 
 
-def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tuple[list[TaskData], Any]:
+def build_task_data(
+    recipe: TrainingRecipe, processor: Any | None = None, start: StartingPoint | None = None
+) -> tuple[list[TaskData], Any]:
     """Loads every task of `recipe` and returns its [`TaskData`] (with the model task entry in `config_entry`) and the
-    image processor to save with the model (at the largest task resolution, unless one is given)."""
+    image processor to save with the model (at the largest task resolution, unless one is given).
+
+    The processors take their settings (mean, std, resampling) and the default resolution from the checkpoint the
+    model starts from (`start`, read from the recipe when not given, before any data is loaded)."""
+    start = start if start is not None else resolve_starting_point(recipe)
     demo_cache: dict = {}
     tasks = []
     for index, task in enumerate(recipe.tasks):
         train, evaluation = load_task_splits(task, demo_cache)
         entry = task_entry(task, train)
-        task_processor = ModSquadImageProcessor(size={"height": task.image_size, "width": task.image_size})
+        size = start.image_size(task)
+        task_processor = ModSquadImageProcessor(
+            size={"height": size, "width": size}, **start.processor_settings
+        )
         adapter = TaskDataAdapter(
             entry,
             task_processor,
             train=True,
-            image_size=task.image_size,
+            image_size=size,
             columns=task.columns,
             augment=task.augment,
             schema_options=task.schema,
@@ -224,15 +235,19 @@ def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tup
             )
         )
     if processor is None:
-        size = max(task.image_size for task in recipe.tasks)
-        processor = ModSquadImageProcessor(size={"height": size, "width": size})
+        size = max(start.image_size(task) for task in recipe.tasks)
+        processor = ModSquadImageProcessor(size={"height": size, "width": size}, **start.processor_settings)
     return tasks, processor
 
 
-def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMultiTask:
-    """A new [`ModSquadForMultiTask`] from `recipe.model.config` over the tasks' entries, or the pretrained one.
+def build_model(
+    recipe: TrainingRecipe, tasks: list[TaskData], start: StartingPoint | None = None
+) -> ModSquadForMultiTask:
+    """The [`ModSquadForMultiTask`] to train over the tasks' entries: new from `recipe.model.config`, loaded from a
+    ModSquad `recipe.model.pretrained`, or upcycled from a dense one (see [`StartingPoint`]).
 
     Seeds with `recipe.seed` first, so that every process of a run builds the same initial weights."""
+    start = start if start is not None else resolve_starting_point(recipe)
     set_seed(recipe.seed)
     entries = [task.config_entry for task in tasks]
     if any(entry is None for entry in entries):
@@ -240,6 +255,10 @@ def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMul
     options = {}
     if recipe.model.experts_implementation is not None:
         options["experts_implementation"] = recipe.model.experts_implementation
+    if "tasks" in recipe.model.config:
+        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
+    if start.is_dense:
+        return _upcycled_model(recipe, entries)
     if recipe.model.pretrained:
         model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
         if model.config.task_names != [e["name"] for e in entries]:
@@ -248,10 +267,25 @@ def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMul
             )
         return model
     fields = dict(recipe.model.config)
-    if "tasks" in fields:
-        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
-    fields.setdefault("image_size", max(task.image_size for task in recipe.tasks))
+    fields.setdefault("image_size", max(start.image_size(task) for task in recipe.tasks))
     model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
+    if recipe.model.experts_implementation is not None:
+        model.set_experts_implementation(recipe.model.experts_implementation)
+    return model
+
+
+def _upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> ModSquadForMultiTask:
+    """[`ModSquadForMultiTask.from_dense`] of the recipe's dense `model.pretrained`, with `model.config`'s MoE fields
+    and `model.upcycling`'s options, in float32 (mixed precision is the loop's business)."""
+    options = recipe.model.upcycling
+    model = ModSquadForMultiTask.from_dense(
+        recipe.model.pretrained,
+        router_init_std=options.get("router_init_std"),
+        dense_kwargs={"dtype": torch.float32},
+        upcycling_mode=options.get("mode", "copy"),
+        tasks=entries,
+        **recipe.model.config,
+    )
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
     return model

@@ -54,13 +54,11 @@ from .checkpointing import (
     prune_checkpoints,
     resolve_resume,
 )
+from .param_groups import group_learning_rates, learning_rate_groups
 from .recipe import TrainingRecipe
 from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
 from .task_data import TaskData
 from .tracking import CSVTracker
-
-# Parameters that weight decay should leave alone: biases, norms, learned tokens and embeddings, loss log-variances.
-NO_DECAY = ("bias", "norm", "cls_token", "task_tokens", "position_embeddings", "log_vars")
 
 
 @dataclass
@@ -193,17 +191,27 @@ def warmup_cosine_schedule(
 
 
 def build_optimizer(
-    module: torch.nn.Module, learning_rate: float, weight_decay: float, betas
+    module: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas,
+    backbone_learning_rate: float | None = None,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices (experts, projections, routers), none on `NO_DECAY` names."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        lowered = name.lower()
-        (no_decay if param.ndim <= 1 or any(key in lowered for key in NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over `learning_rate_groups`: weight decay on matrices (experts, projections, routers), none on
+    `NO_DECAY` names; with `backbone_learning_rate` / `layer_decay`, a lower (layer-decayed) learning rate for the
+    pretrained backbone than for the new heads, routers and task tokens. Each group's `name` says which it is."""
+    groups = learning_rate_groups(module, learning_rate, weight_decay, backbone_learning_rate, layer_decay)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas))
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One line per named learning-rate group: its name, peak learning rate and parameter count."""
+    counts: dict[str, list] = {}
+    for group in optimizer.param_groups:
+        entry = counts.setdefault(group["name"], [group["lr"], 0])
+        entry[1] += sum(p.numel() for p in group["params"])
+    return [f"  {name}: lr {lr:.3g}, {count:,} parameters" for name, (lr, count) in counts.items()]
 
 
 def use_cpu(requested: bool) -> bool:
@@ -361,7 +369,16 @@ def train(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
     step_module = MultiTaskStep(model, weighting, world_size=accelerator.num_processes)
-    optimizer = build_optimizer(step_module, optim.learning_rate, optim.weight_decay, optim.betas)
+    optimizer = build_optimizer(
+        step_module,
+        optim.learning_rate,
+        optim.weight_decay,
+        optim.betas,
+        optim.backbone_learning_rate,
+        optim.layer_decay,
+    )
+    if len({group["name"] for group in optimizer.param_groups}) > 1:
+        accelerator.print("\n".join(["learning-rate groups (peak):", *describe_groups(optimizer)]))
     warmup = max(optim.warmup_steps, int(optim.warmup_ratio * max_steps))
     # The schedule counts optimizer steps and is stepped by hand: a prepared scheduler would step once per process.
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
@@ -440,7 +457,8 @@ def train(
                 line = {
                     "step": state.step,
                     "epoch": state.step * accumulation / mixer.steps_per_epoch,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": _base_learning_rate(optimizer, optim.learning_rate),
+                    **_group_learning_rates(optimizer),
                     **{key: reduced[key] for key in ("loss", "aux_loss", "mi_loss")},
                     "time": time.perf_counter() - started,
                     **({"grad_norm": float(sums.grad_norm)} if sums.grad_norm is not None else {}),
@@ -518,6 +536,18 @@ def train(
     )
 
 
+def _base_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> float:
+    """`learning_rate` at the schedule's current factor (the rate of the new parameters, whatever the groups)."""
+    group = optimizer.param_groups[0]
+    return learning_rate * group["lr"] / group["initial_lr"]
+
+
+def _group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr/<group>` of every named group, when the groups have more than one learning rate."""
+    rates = group_learning_rates(optimizer)
+    return {f"lr/{name}": rate for name, rate in rates.items()} if len(rates) > 1 else {}
+
+
 def _tracker(kind: str, output_dir: Path):
     if kind == "csv":
         return CSVTracker("tracker", output_dir / LOGS_DIR)
@@ -561,6 +591,7 @@ __all__ = [
     "TrainerState",
     "build_mixer",
     "build_optimizer",
+    "describe_groups",
     "evaluate_tasks",
     "parameter_digest",
     "resolve_mixed_precision",
