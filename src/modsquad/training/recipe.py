@@ -129,7 +129,8 @@ class ModelRecipe:
         config (`dict`, *optional*): `ModSquadConfig` fields; `tasks` is filled from the recipe's tasks and
             `image_size` defaults to the largest task resolution.
         pretrained (`str`, *optional*): a folder or Hub id to start from instead (its tasks must match).
-        experts_implementation (`str`, *optional*): experts kernel (`"sorted_mm"` by default, `"grouped_mm"`, ...).
+        experts_implementation (`str`, *optional*): experts kernel (`"auto"` by default: `"sorted_mm"` on CPU,
+            a grouped GEMM on GPUs; `"sorted_mm"`, `"grouped_mm"`, ...).
     """
 
     config: dict[str, Any] = field(default_factory=dict)
