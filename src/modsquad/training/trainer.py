@@ -7,6 +7,10 @@ gives (all tasks under `simt`), then ONE backward of weighted task losses + auxi
 loss of that micro-step, whose routing statistics are all-reduced across processes. The MI window is therefore one
 micro-step; accumulation adds independent micro-steps.
 
+After the first steps the loop prints how long training has left; with a time budget (`training.max_minutes`,
+`--max-minutes`) it fits the learning-rate schedule to the steps that fit and stops at the budget, decided on the
+main process and shared in the per-step all-reduce (see `budget.py`).
+
 Run it with `modsquad train --config recipe.yaml` or `accelerate launch training/train.py --config recipe.yaml`.
 """
 
