@@ -116,7 +116,13 @@ def test_dispatch_gives_every_slot_its_own_row_reading_its_token():
     top_k_index = torch.tensor([[0, 1]] * 5 + [[2, 1]] * 2 + [[3, 0]])  # counts 6, 7, 2, 1
     dispatch = ExpertDispatch.from_indices(top_k_index, 5)
     assert dispatch.count_list == dispatch.counts.tolist() == [6, 7, 2, 1, 0] and dispatch.num_rows == 16
-    assert dispatch.offsets.tolist() == [6, 13, 15, 16, 16]  # the end row of every expert, as grouped_mm reads them
+    assert dispatch.offsets.tolist() == [
+        6,
+        13,
+        15,
+        16,
+        16,
+    ]  # the end row of every expert, as grouped_mm reads them
     assert sorted(dispatch.row_of_slot.tolist()) == list(range(16))
     assert_close(dispatch.token_of_slot[dispatch.row_of_slot], torch.arange(16) // 2)
     expert_of_row = [0] * 6 + [1] * 7 + [2] * 2 + [3]

@@ -85,3 +85,30 @@ def test_compiled_training_step_gives_eager_gradients(tiny_config, variant):
     assert set(actual) == set(expected) and any("experts" in name for name in actual)
     for name in expected:
         assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_the_gpu_kernel_traces_without_a_graph_break(tiny_config):
+    """`auto`'s kernel for accelerators, traced here on CPU (its grouped GEMM goes through Transformers' grouped_mm
+    dispatcher, which is one opaque operator under dynamo)."""
+    from modsquad.model.moe import ModSquadSparseMLP
+    from modsquad.model.sorted_mm import sorted_grouped_mm_experts_forward
+
+    mlp = ModSquadSparseMLP(tiny_config(), 4)
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.normal_(0.0, 0.1)
+    tokens = torch.randn(18, 64)
+
+    def layer(tokens: torch.Tensor) -> torch.Tensor:
+        routing = mlp.router(tokens, 0)
+        return sorted_grouped_mm_experts_forward(
+            mlp.experts, tokens, routing.top_k_index, routing.top_k_weights
+        )
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert_close(
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(tokens), layer(tokens), atol=1e-5, rtol=1e-4
+    )

@@ -76,14 +76,14 @@ class ExpertDispatch:
         token_of_slot: `(slots,)` the token each row reads (`order // top_k`).
         counts: `(num_experts,)` rows per expert.
         row_of_slot: `(slots,)` the row of each slot, in slot order (the inverse permutation of `order`).
-        expert_of_row: `(slots,)` the expert of each row (non-decreasing).
+        expert_of_slot: `(slots,)` the expert of each slot (`top_k_index` flattened).
     """
 
     order: torch.Tensor
     token_of_slot: torch.Tensor
     counts: torch.Tensor
     row_of_slot: torch.Tensor
-    expert_of_row: torch.Tensor
+    expert_of_slot: torch.Tensor
 
     @property
     def num_rows(self) -> int:
@@ -94,6 +94,11 @@ class ExpertDispatch:
     def count_list(self) -> list[int]:
         """`counts` as Python ints: the one host sync of a layer under the eager sorted kernel."""
         return self.counts.tolist()
+
+    @property
+    def expert_of_row(self) -> torch.Tensor:
+        """`(slots,)` the expert of each row (non-decreasing)."""
+        return self.expert_of_slot.index_select(0, self.order)
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -109,13 +114,13 @@ class ExpertDispatch:
             num_experts (`int`): number of experts.
         """
         flat = top_k_index.reshape(-1)
-        expert_of_row, order = torch.sort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)
         # scatter_add rather than bincount: its output size is known without reading the indices.
         counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         token_of_slot = order // top_k_index.shape[-1]
         rows = torch.arange(flat.shape[0], device=flat.device)
         row_of_slot = torch.empty_like(order).index_copy_(0, order, rows)
-        return cls(order, token_of_slot, counts, row_of_slot, expert_of_row)
+        return cls(order, token_of_slot, counts, row_of_slot, flat)
 
 
 def _expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
