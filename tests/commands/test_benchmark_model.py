@@ -55,7 +55,7 @@ def test_every_row_is_timed_against_dense_in_both_modes():
 
     rows = {(m.model, m.implementation, m.mode): m for m in measurements}
     expected = {("vit", None), ("modsquad", "auto"), ("modsquad", "sorted_mm"), ("modsquad-pruned", "auto")}
-    assert set(rows) == {(*row, mode) for row in expected for mode in ("fwd", "train")}
+    assert set(rows) == {(*row, mode) for row in expected for mode in ("fwd", "fwd+bwd", "train")}
     for m in measurements:
         assert m.ms > 0 and m.images_per_second == pytest.approx(TINY.batch / m.ms * 1e3)
         assert m.ratio == pytest.approx(m.ms / m.dense_ms) and m.best_ratio > 0
@@ -94,4 +94,4 @@ def test_the_command_prints_the_vit_s16_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "case s16: batch 1 at 224 px" in printed and "modsquad-pruned" in printed
     report = json.loads(out.read_text())
-    assert report["what"] == "model" and len(report["cases"][0]["measurements"]) == 6
+    assert report["what"] == "model" and len(report["cases"][0]["measurements"]) == 9

@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -119,7 +119,7 @@ MODEL_CASES = {
 }
 # Rows of the model benchmark: the dense baseline, ModSquad, ModSquad pruned; its modes.
 DENSE_VIT, MODSQUAD, PRUNED = "vit", "modsquad", "modsquad-pruned"
-MODEL_MODES = ("fwd", "train")
+MODEL_MODES = ("fwd", "fwd+bwd", "train")
 
 
 @dataclass
@@ -176,7 +176,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="weights and inputs dtype (default float32)",
     )
-    parser.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (default 30)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (default 30 for moe, 10 for model)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODEL_MODES,
+        default=list(MODEL_MODES),
+        help="modes of the model benchmark: fwd (inference), fwd+bwd (forward, loss, backward), train (fwd+bwd "
+        "and an AdamW step, which pays for every expert's parameters); default all",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument(
@@ -195,6 +205,8 @@ def _check_args(args: argparse.Namespace) -> None:
         args.cases = sorted(cases)
     if args.implementations is None:
         args.implementations = list(MOE_DEFAULT_IMPLEMENTATIONS) if args.what == "moe" else [AUTO]
+    if args.repeats is None:
+        args.repeats = 30 if args.what == "moe" else 10
     wrong = [name for name in args.cases if name not in cases]
     if wrong:
         raise ValueError(f"cases {wrong} are not `benchmark {args.what}` cases; accepted: {sorted(cases)}")
@@ -455,14 +467,16 @@ def _model_loss(output) -> torch.Tensor:
 
 
 def _model_step(model: nn.Module, pixel_values: torch.Tensor, mode: str, optimizer=None) -> None:
-    """An inference forward (`fwd`) or a training step (`train`: forward, loss, backward, AdamW step)."""
+    """An inference forward (`fwd`), forward and backward (`fwd+bwd`) or a training step (`train`: and the AdamW
+    step)."""
     if mode == "fwd":
         with torch.no_grad():
             model(pixel_values)
         return
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     _model_loss(model(pixel_values)).backward()
-    optimizer.step()
+    if mode == "train":
+        optimizer.step()
 
 
 def measure_model_case(
@@ -474,9 +488,10 @@ def measure_model_case(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     models: dict[str, nn.Module] | None = None,
+    modes: Sequence[str] = MODEL_MODES,
 ) -> tuple[list[ModelMeasurement], dict[str, object]]:
     """Times the ModSquad backbone under each experts implementation and the pruned one (default kernel) against the
-    dense ViT, interleaved, for inference and for a training step.
+    dense ViT, interleaved, for inference and training.
 
     Args:
         case ([`ModelCase`]): model shape and batch.
@@ -488,6 +503,7 @@ def measure_model_case(
         device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): where to time.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): weights and images dtype.
         models (`dict[str, nn.Module]`, *optional*): the output of [`build_models`] (built when not given).
+        modes (`Sequence[str]`, *optional*): of `MODEL_MODES`: `fwd`, `fwd+bwd`, `train` (with an AdamW step).
 
     Returns:
         One [`ModelMeasurement`] per `(mode, model row)`, and facts about the models (parameters, experts kept).
@@ -502,14 +518,17 @@ def measure_model_case(
     rows = [(MODSQUAD, name) for name in implementations] + [(PRUNED, implementations[0])]
 
     results = []
-    for mode in MODEL_MODES:
+    unknown = [mode for mode in modes if mode not in MODEL_MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; accepted: {list(MODEL_MODES)}")
+    for mode in modes:
         optimizers = {}
         if mode == "train":
             optimizers = {
                 name: torch.optim.AdamW(model.parameters(), lr=1e-6) for name, model in models.items()
             }
         for model in models.values():
-            model.train(mode == "train")
+            model.train(mode != "fwd")
 
         def model_step(
             model_name: str, implementation: str | None, mode: str = mode, optimizers: dict = optimizers
@@ -613,7 +632,10 @@ def run(args: argparse.Namespace) -> int:
             "included)"
         )
     else:
-        modes = "fwd: inference (no graph); train: forward, loss, backward and AdamW step; img/s per model"
+        modes = (
+            "fwd: inference (no graph); fwd+bwd: forward, loss, backward; train: fwd+bwd and an AdamW step; "
+            "img/s per model"
+        )
     print(
         f"torch {torch.__version__}, {where}, {args.dtype}; medians of {args.repeats} interleaved repeats after "
         f"{args.warmup} warm-up rounds. {modes}. Load average at start: {_load_average()}"
@@ -638,7 +660,14 @@ def run(args: argparse.Namespace) -> int:
             if args.batch_size is not None:
                 case = dataclasses.replace(case, batch=args.batch_size)
             measurements, facts = measure_model_case(
-                case, args.implementations, args.repeats, args.warmup, args.seed, device=device, dtype=dtype
+                case,
+                args.implementations,
+                args.repeats,
+                args.warmup,
+                args.seed,
+                device=device,
+                dtype=dtype,
+                modes=args.modes,
             )
             table = format_model_table(case, measurements, facts)
         print()
