@@ -9,9 +9,10 @@ experts in Python after one host sync per layer (`counts.tolist()`): the fastest
 `torch.compile` and `torch.export` the same loop runs inside one opaque custom op per projection
 (`torch.ops.modsquad.sorted_grouped_linear`), so the traced graph holds no data-dependent Python ints.
 
-`"auto"` picks by the device of each call: `"sorted_mm"` on CPU, Transformers' `"grouped_mm"` (one
-`torch.nn.functional.grouped_mm` per projection: no per-expert Python loop, no host sync) on CUDA and other
-accelerators. Transformers keeps its kernels in files of their own (`integrations/moe.py`); so does this package.
+`"auto"` picks by the device of each call: `"sorted_mm"` on CPU; on CUDA and other accelerators the same sorted
+rows with each projection one grouped GEMM (`torch.nn.functional.grouped_mm` through Transformers' dispatcher, in
+the autocast dtype under autocast): no per-expert Python loop, no host sync. Attention experts follow the same
+choice. Transformers keeps its kernels in files of their own (`integrations/moe.py`); so does this package.
 
 Shipped as remote code next to checkpoints: imports only torch and transformers.
 """
