@@ -26,7 +26,15 @@ from functools import cached_property
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _grouped_mm
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+try:  # Transformers' grouped GEMM dispatcher: torch's kernel where it runs, an opaque per-group loop elsewhere
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # a private name: should a release drop it, call torch's kernel directly
+
+    def _grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.grouped_mm(input.to(weight.dtype), weight, offs=offs)
+
 
 SORTED_MM = "sorted_mm"
 GROUPED_MM = "grouped_mm"
