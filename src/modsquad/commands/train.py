@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(write it after any KEY=VALUE overrides, or give `latest` explicitly)",
     )
     parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides training.max_steps)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="wall-clock budget of training (overrides training.max_minutes): the schedule is fitted to the steps "
+        "that fit, training stops at the budget, and the run is finished as usual (evaluation, final model)",
+    )
     parser.add_argument("--seed", type=int, help="overrides the recipe's seed")
     parser.add_argument(
         "--only-task",
@@ -56,6 +62,8 @@ def recipe_from_args(args: argparse.Namespace):
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")
+    if args.max_minutes is not None:
+        overrides.append(f"training.max_minutes={args.max_minutes}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.resume is not None:
@@ -96,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
             f"interrupted at step {result.step}/{result.max_steps}; resume with --resume ({result.checkpoint})"
         )
         return 128 + max(result.interrupted, 0)
+    if result.out_of_time:
+        print(f"training was cut short at the time budget: {result.step} of {result.max_steps} steps")
     if result.metrics:
         print(json.dumps(result.metrics, indent=2))
     return 0

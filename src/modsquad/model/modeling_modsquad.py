@@ -32,7 +32,7 @@ from .moe import (
     load_balancing_loss,
     router_z_loss,
 )
-from .sorted_mm import SORTED_MM
+from .sorted_mm import AUTO
 
 # Tokens in front of the patches: [CLS] then the task token.
 NUM_PREFIX_TOKENS = 2
@@ -317,8 +317,10 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Default to the sorted kernel registered in moe.py: the fastest exact one on CPU for training and inference.
-        return super().get_correct_experts_implementation(requested_experts or SORTED_MM)
+        # Default to `"auto"` (sorted_mm.py): per call, the sorted per-expert GEMMs on CPU (the fastest exact kernel
+        # there) and one grouped GEMM on GPUs. The device is not known here (models are built on CPU or meta and
+        # moved), so the choice is made where the tokens are.
+        return super().get_correct_experts_implementation(requested_experts or AUTO)
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         # Reentrant checkpointing re-attaches only the tensors a block returns directly; the router outputs travel

@@ -2,8 +2,8 @@
 
 The experts keep their weights as 3-D parameters (`[num_experts, out, in]`) and go through Transformers' experts
 dispatch (`use_experts_implementation`), so `experts_implementation="eager" | "grouped_mm" | "batched_mm" | ...`
-picks the kernel as for Mixtral or Qwen-MoE; `"sorted_mm"` (the default, see `sorted_mm.py`) is registered by this
-package.
+picks the kernel as for Mixtral or Qwen-MoE; `"auto"` (the default: `"sorted_mm"` on CPU, `"grouped_mm"` on GPUs) and
+`"sorted_mm"` are registered by this package (see `sorted_mm.py`).
 
 This file is also shipped as remote code next to checkpoints: it imports only torch, transformers and siblings.
 """
@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .sorted_mm import ExpertDispatch, sorted_grouped_linear
+from .sorted_mm import ExpertDispatch, attention_experts_kernel, expert_linear
 
 
 # ------------------------------------------------------------------------------------------------- routers
@@ -177,9 +177,11 @@ class ModSquadAttentionExperts(nn.Module):
         flat = hidden_states.reshape(-1, hidden)
         routing = self.router(flat, task_id)
         dispatch = ExpertDispatch.from_indices(routing.top_k_index, self.num_experts)
+        # The configured experts implementation picks the GEMM kernel: `sorted_mm` on CPU, `grouped_mm` on GPUs.
+        kernel = attention_experts_kernel(self.config._experts_implementation, flat.device.type)
 
-        q_sorted = sorted_grouped_linear(
-            flat.index_select(0, dispatch.token_of_slot), self.q_proj, self.q_proj_bias, dispatch.counts
+        q_sorted = expert_linear(
+            flat.index_select(0, dispatch.token_of_slot), self.q_proj, self.q_proj_bias, dispatch, kernel
         )
         q = torch.empty_like(q_sorted).index_copy_(0, dispatch.order, q_sorted)  # back to (token, slot) order
         # (B, S, k, heads, d) -> (B, heads * k, S, d): kv-head-major so that each key/value head serves k queries
@@ -207,8 +209,8 @@ class ModSquadAttentionExperts(nn.Module):
         attn = (
             attn.reshape(batch, seq, heads, k, head_dim).permute(0, 1, 3, 2, 4).reshape(-1, heads * head_dim)
         )
-        y = sorted_grouped_linear(
-            attn.index_select(0, dispatch.order), self.o_proj, self.o_proj_bias, dispatch.counts
+        y = expert_linear(
+            attn.index_select(0, dispatch.order), self.o_proj, self.o_proj_bias, dispatch, kernel
         )
         y = y * routing.top_k_weights.reshape(-1).index_select(0, dispatch.order).unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, dispatch.token_of_slot, y.to(flat.dtype))

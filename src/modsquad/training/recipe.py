@@ -138,7 +138,8 @@ class ModelRecipe:
         pretrained (`str`, *optional*): a folder or Hub id to start from: a ModSquad checkpoint (its tasks must
             match) or a dense ViT / DeiT / DINOv2 (e.g. `facebook/dinov2-small`), upcycled into the model of
             `config`. The image processors take their mean, std, resampling and default resolution from it.
-        experts_implementation (`str`, *optional*): experts kernel (`"sorted_mm"` by default, `"grouped_mm"`, ...).
+        experts_implementation (`str`, *optional*): experts kernel (`"auto"` by default: `"sorted_mm"` on CPU,
+            a grouped GEMM on GPUs; `"sorted_mm"`, `"grouped_mm"`, ...).
         upcycling (`dict`, *optional*): options for a dense `pretrained`: `mode` (`"copy"`, the default: every
             expert a copy of the dense MLP; `"partition"`: compute-matched experts, each `1 / num_experts_per_tok` of
             its hidden units) and `router_init_std` (std of the routers' random init; defaults to the checkpoint's
@@ -284,6 +285,10 @@ class LoopRecipe:
             can leave a task (hence its head) out of a step.
         usage_ema_decay (`float`, *optional*, defaults to 0.99): decay of the per-task expert-usage EMA.
         save_final_model (`bool`, *optional*, defaults to `True`): write `final/` with `save_pretrained`.
+        max_minutes (`float`, *optional*): wall-clock budget of the training steps (this run's, after a resume).
+            After the first steps the schedule is fitted to the steps the budget holds, and training stops before
+            a step would end past it; evaluation and saving follow as for a finished run (see
+            `modsquad.training.budget`).
     """
 
     max_steps: int | None = None
@@ -301,8 +306,17 @@ class LoopRecipe:
     find_unused_parameters: bool | None = None
     usage_ema_decay: float = 0.99
     save_final_model: bool = True
+    max_minutes: float | None = None
 
     def __post_init__(self):
+        if self.max_minutes is not None and (
+            isinstance(self.max_minutes, bool)
+            or not isinstance(self.max_minutes, (int, float))
+            or self.max_minutes <= 0
+        ):
+            raise ValueError(
+                f"training.max_minutes must be a number > 0 (or null: no budget), got {self.max_minutes!r}"
+            )
         if self.max_steps is not None:
             _check_positive_int("training.max_steps", self.max_steps)
         elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:

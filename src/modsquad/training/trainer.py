@@ -7,6 +7,10 @@ gives (all tasks under `simt`), then ONE backward of weighted task losses + auxi
 loss of that micro-step, whose routing statistics are all-reduced across processes. The MI window is therefore one
 micro-step; accumulation adds independent micro-steps.
 
+After the first steps the loop prints how long training has left; with a time budget (`training.max_minutes`,
+`--max-minutes`) it fits the learning-rate schedule to the steps that fit and stops at the budget, decided on the
+main process and shared in the per-step all-reduce (see `budget.py`).
+
 Run it with `modsquad train --config recipe.yaml` or `accelerate launch training/train.py --config recipe.yaml`.
 """
 
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ from ..run_folder import (
     REPLICA_DIGESTS_FILE,
     TRAINING_LOG,
 )
+from .budget import ESTIMATE_AFTER_STEPS, StepClock, TimeEstimate
 from .checkpointing import (
     COMPLETE_MARKER,
     StopOnSignal,
@@ -69,7 +75,7 @@ class TrainResult:
     Args:
         output_dir (`Path`): the run folder.
         step (`int`): optimizer steps done.
-        max_steps (`int`): optimizer steps planned.
+        max_steps (`int`): optimizer steps planned (the recipe's).
         interrupted (`int`, *optional*): the signal that stopped the run early (a checkpoint was saved).
         metrics (`dict[str, dict[str, float]]`): last evaluation, per task.
         history (`list[dict]`): the training-log lines written by this process's run (main process).
@@ -78,6 +84,8 @@ class TrainResult:
         model ([`ModSquadForMultiTask`], *optional*): the trained model (unwrapped), on this process.
         replica_digests (`list[str]`): SHA-256 of every process's parameters after training (all equal when the
             replicas stayed in sync; one entry for a single process).
+        out_of_time (`bool`): training ended before `max_steps` at the `training.max_minutes` budget; the run
+            was finished as usual (evaluation, final model) after `step` steps.
     """
 
     output_dir: Path
@@ -90,6 +98,7 @@ class TrainResult:
     checkpoint: Path | None = None
     model: ModSquadForMultiTask | None = None
     replica_digests: list[str] = field(default_factory=list)
+    out_of_time: bool = False
 
 
 class TrainerState:
@@ -152,12 +161,26 @@ class StepSums:
         )  # fmt: skip
         self.sums = flat if self.sums is None else self.sums + flat
 
-    def reduce(self, accelerator: Accelerator, stop_requested: bool) -> tuple[bool, dict[str, Any]]:
+    def reduce(
+        self,
+        accelerator: Accelerator,
+        stop_requested: bool,
+        out_of_time: bool = False,
+        planned_steps: int = 0,
+    ) -> tuple[bool, dict[str, Any]]:
         """Sums over processes. Returns whether any process asked to stop, and the step's mean `loss`, `aux_loss`,
-        `mi_loss`, per-task mean `task_losses` (`None` for tasks absent from the step) and expert-usage counts."""
-        flag = torch.tensor([1.0 if stop_requested else 0.0], device=self.sums.device)
-        totals = accelerator.reduce(torch.cat([flag, self.sums]), reduction="sum").cpu()
-        stop, totals = bool(totals[0] > 0), totals[1:]
+        `mi_loss`, per-task mean `task_losses` (`None` for tasks absent from the step) and expert-usage counts.
+
+        The time budget's decisions are the main process's alone (the other processes pass `False` and 0), shared
+        through the same sum: `out_of_time` (stop after this step) and `planned_steps` (0: no new plan)."""
+        flags = [1.0 if stop_requested else 0.0, 1.0 if out_of_time else 0.0, float(planned_steps)]
+        flags = torch.tensor(flags, device=self.sums.device)
+        totals = accelerator.reduce(torch.cat([flags, self.sums]), reduction="sum").cpu()
+        stop, budget = (
+            bool(totals[0] > 0),
+            {"out_of_time": bool(totals[1] > 0), "planned_steps": int(totals[2])},
+        )
+        totals = totals[3:]
         t = self.num_tasks
         losses, counts = totals[3 : 3 + t], totals[3 + t : 3 + 2 * t]
         usage, offset = [], 3 + 2 * t
@@ -172,22 +195,55 @@ class StepSums:
             "mi_loss": totals[2].item() / n,
             "task_losses": [(loss / c).item() if c > 0 else None for loss, c in zip(losses, counts)],
             "usage": usage,
+            **budget,
         }
 
 
 # ----------------------------------------------------------------------------------------------- building blocks
+class WarmupCosineSchedule(LambdaLR):
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`.
+
+    [`fit`] moves the end of the cosine while training (a time budget that holds fewer steps). The plan is not part
+    of the saved state: a resumed run plans from its own recipe and budget.
+    """
+
+    _PLAN = ("warmup_steps", "total_steps", "min_lr_ratio")
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    ):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def fit(self, total_steps: int) -> None:
+        """Ends the cosine at `total_steps` instead, from the current step on. The warm-up is kept (changing it
+        would make the learning rate jump), so the end never moves into it."""
+        self.total_steps = max(total_steps, self.warmup_steps + 1)
+        # Re-evaluate the current learning rate under the new plan (a no-op while warming up).
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for key in self._PLAN:
+            state.pop(key, None)
+        return state
+
+
 def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
-) -> LambdaLR:
-    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
+) -> WarmupCosineSchedule:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`
+    (a [`WarmupCosineSchedule`])."""
+    return WarmupCosineSchedule(optimizer, warmup_steps, total_steps, min_lr_ratio)
 
 
 def build_optimizer(
@@ -321,6 +377,7 @@ def train(
     model: ModSquadForMultiTask,
     tasks: list[TaskData],
     processor: Any | None = None,
+    on_estimate: Callable[[TimeEstimate], None] | None = None,
 ) -> TrainResult:
     """Trains a multi-task Mod-Squad model as the recipe says.
 
@@ -332,6 +389,9 @@ def train(
         model ([`ModSquadForMultiTask`]): the model to train (the same initial weights on every process).
         tasks (`list[TaskData]`): the data, in the model's task order.
         processor (*optional*): image processor saved with the final model.
+        on_estimate (`Callable[[TimeEstimate], None]`, *optional*): called once on the main process after the
+            first timed steps with the time-left [`TimeEstimate`] (e.g. to print one for a whole job); by default
+            the loop prints its own line.
 
     Returns:
         [`TrainResult`].
@@ -405,6 +465,11 @@ def train(
 
     history: list[dict] = []
     metrics: dict[str, dict[str, float]] = {}
+    # The steps this run will reach: `max_steps`, or fewer once the time budget has been fitted (see budget.py).
+    planned_steps = max_steps
+    clock = StepClock(loop.max_minutes, first_step=state.step)
+    # After the first (untimed) step and ESTIMATE_AFTER_STEPS timed ones: the estimate and the budget's plan.
+    estimate_step = state.step + 1 + ESTIMATE_AFTER_STEPS
     last_checkpoint: Path | None = resume_from
     task_names = model.config.task_names
     coef = model.config.mi_loss_coef
@@ -425,7 +490,7 @@ def train(
     )
     started = time.perf_counter()
     with StopOnSignal() as stop:
-        while state.step < max_steps:
+        while state.step < planned_steps:
             sums = StepSums(accelerator.num_processes * accumulation)
             for _ in range(accumulation):
                 micro_batches = send_to_device(mixer.next_step(), accelerator.device)
@@ -444,15 +509,40 @@ def train(
                 scheduler.step()
             state.step += 1
             progress.update(1)
+            clock.step_done(state.step)
+            # The time budget is decided on the main process's clock alone, so that every process agrees.
+            estimating = state.step == estimate_step and state.step < planned_steps
+            plan = clock.steps_that_fit(max_steps) if estimating else 0
+            main_out_of_time = accelerator.is_main_process and clock.out_of_time()
 
-            # One all-reduce per step: losses, usage counts and the stop request travel together.
-            stopped_anywhere, reduced = sums.reduce(accelerator, stop.requested is not None)
+            # One all-reduce per step: losses, usage counts, the stop request and the budget travel together.
+            stopped_anywhere, reduced = sums.reduce(
+                accelerator,
+                stop.requested is not None,
+                out_of_time=main_out_of_time,
+                planned_steps=plan if accelerator.is_main_process else 0,
+            )
+            if reduced["planned_steps"] and reduced["planned_steps"] < planned_steps:
+                planned_steps = reduced["planned_steps"]
+                scheduler.fit(planned_steps)  # the cosine now ends where the budget does
+                progress.total = planned_steps
+                progress.refresh()
+            if estimating and accelerator.is_main_process:
+                estimate = clock.estimate(planned_steps, max_steps)
+                if on_estimate is not None:
+                    on_estimate(estimate)
+                else:
+                    progress.write(estimate.describe())
+            if reduced["out_of_time"]:
+                planned_steps = min(
+                    planned_steps, state.step
+                )  # this step is the last; the run ends as finished
             # A signal during the last step changes nothing: the run is finishing anyway.
-            stop_everywhere = stopped_anywhere and state.step < max_steps
+            stop_everywhere = stopped_anywhere and state.step < planned_steps
             if reduced["usage"]:
                 state.update_usage(reduced["usage"])
 
-            if state.step % loop.log_every == 0 or state.step == max_steps or stop_everywhere:
+            if state.step % loop.log_every == 0 or state.step == planned_steps or stop_everywhere:
                 weights = accelerator.unwrap_model(step_module).weighting.effective_weights()
                 line = {
                     "step": state.step,
@@ -476,7 +566,7 @@ def train(
                     with log_path.open("a") as handle:
                         handle.write(json.dumps(line) + "\n")
 
-            if loop.eval_every and state.step % loop.eval_every == 0 and state.step < max_steps:
+            if loop.eval_every and state.step % loop.eval_every == 0 and state.step < planned_steps:
                 if accelerator.is_main_process:
                     metrics = evaluate_tasks(accelerator.unwrap_model(step_module).model, tasks, accelerator)
                     accelerator.log(_flat_metrics(metrics), step=state.step)
@@ -494,6 +584,10 @@ def train(
                     checkpoint=last_checkpoint, model=accelerator.unwrap_model(step_module).model,
                 )  # fmt: skip
     progress.close()
+    if state.step < max_steps:
+        accelerator.print(
+            f"stopped at the {loop.max_minutes:g} min time budget after {state.step} of {max_steps} steps"
+        )
 
     if loop.save_every and state.step % loop.save_every:
         last_checkpoint = save_checkpoint()
@@ -533,6 +627,7 @@ def train(
         last_checkpoint,
         unwrapped.model,
         digests,
+        out_of_time=state.step < max_steps,
     )
 
 
