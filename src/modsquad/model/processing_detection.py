@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
 
-from .box_ops import batched_nms, cxcywh_to_xyxy, xywh_to_cxcywh
+from .box_ops import batched_nms
 
 # Boxes may overshoot the image by rounding in real annotations; beyond this many pixels they are an error.
 BOX_TOLERANCE_PX = 1.0
@@ -80,13 +81,13 @@ def prepare_detection_labels(
             if x1 <= x0 or y1 <= y0:
                 # A sliver lying wholly in the tolerated overshoot: nothing of it is in the image.
                 continue
-            boxes.append([x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height])
+            boxes.append([x0 / width, y0 / height, x1 / width, y1 / height])
             classes.append(category)
         box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         labels.append(
             {
                 "class_labels": torch.tensor(classes, dtype=torch.long),
-                "boxes": xywh_to_cxcywh(box_tensor),
+                "boxes": corners_to_center_format(box_tensor),
                 "orig_size": torch.tensor([height, width]),
             }
         )
@@ -165,7 +166,7 @@ def post_process_object_detection(
         image_scores = top_scores[image][keep]
         labels = top_index[image][keep] % num_labels
         queries = top_index[image][keep] // num_labels
-        boxes = cxcywh_to_xyxy(pred_boxes[image].detach().float()[queries])
+        boxes = center_to_corners_format(pred_boxes[image].detach().float()[queries])
         if nms_threshold is not None:
             kept = batched_nms(boxes, image_scores, labels, nms_threshold)
             image_scores, labels, boxes = image_scores[kept], labels[kept], boxes[kept]
