@@ -24,7 +24,7 @@ def task_metric(
         min_depth, max_depth (`float`, *optional*): valid depth range of a depth-estimation task.
 
     Returns:
-        [`TopKAccuracy`] (top-1 and top-5), [`MeanIoU`] (with the task's `num_labels` and `ignore_index`),
+        [`TopKAccuracy`] (top-1, and top-5 for more than 5 classes), [`MeanIoU`] (with the task's `num_labels` and `ignore_index`),
         [`MeanAveragePrecision`] or [`DepthError`].
     """
     task_type = task["type"]
@@ -37,7 +37,8 @@ def task_metric(
             raise ValueError(
                 f"task {task['name']!r} is multi-label; evaluation supports single_label_classification only"
             )
-        return TopKAccuracy(top_k=(1, 5))
+        # Top-5 of five classes or fewer is 1 whatever the model does: not a measurement.
+        return TopKAccuracy(top_k=(1, 5) if task["num_labels"] > 5 else (1,))
     if task_type == "semantic-segmentation":
         return MeanIoU(num_labels=task["num_labels"], ignore_index=task.get("ignore_index", 255))
     if task_type == "object-detection":
@@ -134,7 +135,7 @@ def evaluate_model(
         min_depth, max_depth (`float`, *optional*): valid depth range (depth-estimation).
 
     Returns:
-        `dict[str, float]`: classification `accuracy`, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
+        `dict[str, float]`: classification `accuracy` and, with more than 5 classes, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
         `overall_accuracy` and `iou_<label>` / `accuracy_<label>`; detection `map`, `map_50`, `map_75`, ... (COCO,
         -1 where undefined); depth `abs_rel`, `rmse`, `delta1`, `delta2`, `delta3`.
     """
