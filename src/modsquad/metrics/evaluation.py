@@ -12,6 +12,11 @@ import torch
 from ..data.schemas import TaskSchema, image_size, task_schema
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
+from .mean_average_precision import UNDEFINED as COCO_UNDEFINED
+from .mean_iou import PER_CATEGORY_KEYS
+
+# How `flatten_metrics` names one class's entry of a per-class result: `per_category_iou` -> `iou_<label>`.
+PER_CATEGORY_PREFIX = "per_category_"
 
 
 def task_metric(
@@ -90,14 +95,47 @@ def flatten_metrics(result: Mapping[str, Any], id2label: Mapping[int, str] | Non
     flat = {}
     for key, value in result.items():
         if isinstance(value, (list, tuple)):
-            stem = key.removeprefix("per_category_")
             for class_id, class_value in enumerate(value):
                 if not math.isnan(class_value):
-                    label = id2label.get(class_id, str(class_id)) if id2label else str(class_id)
-                    flat[f"{stem}_{label}"] = float(class_value)
+                    flat[per_class_name(key, _label(id2label, class_id))] = float(class_value)
         else:
             flat[key] = float(value)
     return flat
+
+
+def per_class_name(key: str, label: str) -> str:
+    """The flat name of one class's value of the per-class result `key`, e.g. `("per_category_iou", "cat")` ->
+    `"iou_cat"`."""
+    return f"{key.removeprefix(PER_CATEGORY_PREFIX)}_{label}"
+
+
+def _label(id2label: Mapping[int, str] | None, class_id: int) -> str:
+    return id2label.get(class_id, str(class_id)) if id2label else str(class_id)
+
+
+def summary_metrics(metrics: Mapping[str, float], task: Mapping[str, Any]) -> dict[str, float]:
+    """The values of `metrics` (as [`evaluate_model`] returns them) that describe the task as a whole and are
+    defined: per-class entries, NaN and COCO's -1 ("undefined on this split") are left out. What a model card
+    publishes.
+
+    Args:
+        metrics (`Mapping[str, float]`): flat metrics of one task.
+        task (`Mapping`): the task's entry of `ModSquadConfig.tasks` (its labels name the per-class entries).
+
+    Returns:
+        `dict[str, float]`, in the order of `metrics`.
+    """
+    id2label = {int(k): v for k, v in (task.get("id2label") or {}).items()}
+    class_ids = range(task.get("num_labels") or len(id2label))
+    per_class = {per_class_name(key, _label(id2label, i)) for key in PER_CATEGORY_KEYS for i in class_ids}
+    summary = {}
+    for name, value in metrics.items():
+        if name in per_class or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if task.get("type") == "object-detection" and value == COCO_UNDEFINED:
+            continue
+        summary[name] = float(value)
+    return summary
 
 
 @torch.inference_mode()
@@ -202,7 +240,9 @@ def _schema(
 __all__ = [
     "evaluate_model",
     "flatten_metrics",
+    "per_class_name",
     "predictions_at_original_size",
     "resolve_task",
+    "summary_metrics",
     "task_metric",
 ]

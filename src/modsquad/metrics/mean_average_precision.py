@@ -67,6 +67,8 @@ _BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4
 _LABELS = datasets.Sequence(datasets.Value("int64"))
 
 
+# COCO's value for a metric undefined on the split (no reference box at all, or none of that size).
+UNDEFINED = -1.0
 # Box layouts accepted, named as torchmetrics' `MeanAveragePrecision(box_format=...)` names them.
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 
@@ -204,4 +206,4 @@ def _to_coco(references: list[dict], predictions: list[dict]) -> tuple[dict, lis
     return ground_truth, detections
 
 
-__all__ = ["BOX_FORMATS", "MeanAveragePrecision"]
+__all__ = ["BOX_FORMATS", "UNDEFINED", "MeanAveragePrecision"]

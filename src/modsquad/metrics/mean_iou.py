@@ -44,6 +44,8 @@ Example:
     1.0
 """
 
+# The per-class results (lists of `num_labels` values); every other key is a summary over classes.
+PER_CATEGORY_KEYS = ("per_category_iou", "per_category_accuracy")
 # (reference, prediction) pairs are counted as one uint64 key: each id offset into [0, 2**32).
 _OFFSET = np.int64(2**31)
 _BITS = np.uint64(32)
@@ -243,4 +245,4 @@ def _nanmean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
-__all__ = ["MeanIoU"]
+__all__ = ["PER_CATEGORY_KEYS", "MeanIoU"]

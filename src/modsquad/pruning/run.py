@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..hub.model_card import DEFAULT_LICENSE, experts_kept_text, write_run_cards
+from ..hub.model_card import DEFAULT_LICENSE, experts_kept_text, save_example_image, write_run_cards
 from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import EMA_USAGE_FILE, PRUNING_FILE, USAGE_FILE, USAGE_PLOT, RunFolder, weights_bytes
@@ -52,6 +52,14 @@ def _headline_metric(task_type: str, metrics: Mapping[str, float]) -> str | None
     """The task type's headline metric when it was computed, else the first metric."""
     headline = task_head_class(task_type).metrics[0]
     return headline if headline in metrics else next(iter(metrics), None)
+
+
+def first_image(dataset: Any, task_type: str, columns: Mapping[str, str] | None = None) -> Any | None:
+    """The image of the first row of a dataset in a task's Hub schema (None for an empty dataset)."""
+    from ..data.schemas import task_schema
+
+    batch = next(iter(dataset.iter(batch_size=1)), None)
+    return None if batch is None else task_schema(task_type, columns).images(batch)[0]
 
 
 def calibration_loader(
@@ -118,7 +126,8 @@ def prune_run(
             to every task when the run has the trainer's `expert_usage_ema.json`.
         usages (`Mapping[str, ExpertUsage]`, *optional*): usage to prune from instead of collecting it.
         validation_datasets (`Mapping[str, Any]`, *optional*): per task, a dataset in the task's Hub schema;
-            `evaluate_model` then scores the full and the pruned model on it.
+            `evaluate_model` then scores the full and the pruned model on it, and its first image becomes the
+            example of the cards' inference widget.
         evaluation_options (`Mapping[str, Mapping]`, *optional*): per task, extra `evaluate_model` arguments
             (`columns`, `max_samples`, `batch_size`, ...).
         max_calibration_batches (`int`, *optional*): use at most this many calibration batches per task.
@@ -227,6 +236,12 @@ def prune_run(
         }
         if name in validation_datasets:
             options = evaluation_options.get(name, {})
+            example = first_image(validation_datasets[name], entry["type"], options.get("columns"))
+            if example is not None:
+                # The cards' widget example: this task's own data, for the pruned model and (first task) the parent.
+                save_example_image(folder, example)
+                if name == config.task_names[0]:
+                    save_example_image(run.model_dir, example)
             row["metrics_before"] = _evaluate(before, processor, validation_datasets[name], options)
             row["metrics_after"] = _evaluate(after, processor, validation_datasets[name], options)
             row["metric"] = _headline_metric(entry["type"], row["metrics_before"])
@@ -286,4 +301,4 @@ def format_prune_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(text)
 
 
-__all__ = ["calibration_loader", "format_prune_table", "prune_run"]
+__all__ = ["calibration_loader", "first_image", "format_prune_table", "prune_run"]
