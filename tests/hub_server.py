@@ -87,7 +87,9 @@ def validate_card(content: str) -> list[str]:
         errors.append('"base_model" must be one or more Hub model ids (namespace/name)')
     relation = data.get("base_model_relation")
     if relation is not None and (relation not in BASE_MODEL_RELATIONS or base is None):
-        errors.append(f'"base_model_relation" must be one of {list(BASE_MODEL_RELATIONS)}, next to "base_model"')
+        errors.append(
+            f'"base_model_relation" must be one of {list(BASE_MODEL_RELATIONS)}, next to "base_model"'
+        )
     for example in data.get("widget") or []:
         if not isinstance(example, dict) or not str(example.get("src", "")).startswith("https://"):
             errors.append('"widget" examples of image pipelines need a "src" URL')

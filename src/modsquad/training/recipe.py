@@ -29,6 +29,7 @@ import yaml
 
 from ..data.mixing import STRATEGIES
 from ..model.configuration_modsquad import TASK_TYPES
+from .tracking import check_tracker_names
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -56,7 +57,6 @@ def parse_yaml(text: str):
 
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-TRACKERS = ("csv", "tensorboard", "none")
 
 
 @dataclass
@@ -214,17 +214,22 @@ class LoopRecipe:
     Args:
         max_steps (`int`, *optional*): optimizer steps to train; `num_epochs` is used when not given.
         num_epochs (`float`, *optional*, defaults to 1.0): length in mixer epochs (see `MultiTaskMixer`).
-        gradient_accumulation_steps (`int`, *optional*, defaults to 1): multi-task micro-steps per optimizer step.
-            The mutual-information window is one micro-step (all its task batches).
-        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"auto"` (bf16 on GPUs that have it, else fp16
-            on GPU; full precision on CPU), `"no"`, `"fp16"`, `"bf16"` (also on CPU when asked).
+        gradient_accumulation_steps (`int`, *optional*): multi-task micro-steps per optimizer step. The
+            mutual-information window is one micro-step (all its task batches). When not set, the launcher's
+            (`accelerate launch --gradient_accumulation_steps N`), else 1.
+        mixed_precision (`str`, *optional*): `"auto"` (bf16 on GPUs that have it, else fp16 on GPU; full precision
+            on CPU), `"no"`, `"fp16"`, `"bf16"` (also on CPU when asked). When not set, Accelerate's own
+            configuration decides (`accelerate launch --mixed_precision bf16`, or the `accelerate config` file that
+            `accelerate launch` reads); without a launcher, `"auto"`.
         cpu (`bool`, *optional*, defaults to `False`): train on the CPU even when a GPU is present.
         log_every (`int`, *optional*, defaults to 10): steps between tracker logs and training-log lines.
         eval_every (`int`, *optional*, defaults to 0): steps between evaluations (0: only at the end).
         eval_at_end (`bool`, *optional*, defaults to `True`): evaluate every task after the last step.
         save_every (`int`, *optional*, defaults to 0): steps between checkpoints (0: only on interruption).
         keep_last (`int`, *optional*, defaults to 2): checkpoints kept; older ones are deleted.
-        tracker (`str`, *optional*, defaults to `"csv"`): `"csv"`, `"tensorboard"` or `"none"`.
+        tracker (`str` or `list[str]`, *optional*, defaults to `"csv"`): experiment tracker(s): `"csv"`, any tracker
+            Accelerate supports (`"tensorboard"`, `"wandb"`, `"trackio"`, `"mlflow"`, `"comet_ml"`, `"aim"`,
+            `"clearml"`, `"dvclive"`, `"swanlab"`), `"all"` (every installed one) or `"none"`.
         num_workers (`int`, *optional*, defaults to 0): DataLoader workers per task.
         find_unused_parameters (`bool`, *optional*): DDP's flag; by default on exactly when the mixing strategy
             can leave a task (hence its head) out of a step.
@@ -234,15 +239,15 @@ class LoopRecipe:
 
     max_steps: int | None = None
     num_epochs: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"
+    gradient_accumulation_steps: int | None = None
+    mixed_precision: str | None = None
     cpu: bool = False
     log_every: int = 10
     eval_every: int = 0
     eval_at_end: bool = True
     save_every: int = 0
     keep_last: int = 2
-    tracker: str = "csv"
+    tracker: str | list[str] = "csv"
     num_workers: int = 0
     find_unused_parameters: bool | None = None
     usage_ema_decay: float = 0.99
@@ -253,19 +258,20 @@ class LoopRecipe:
             _check_positive_int("training.max_steps", self.max_steps)
         elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:
             raise ValueError(f"training.num_epochs must be a number > 0, got {self.num_epochs!r}")
-        _check_positive_int("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.gradient_accumulation_steps is not None:
+            _check_positive_int("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive_int("training.log_every", self.log_every)
         _check_positive_int("training.keep_last", self.keep_last)
         for key in ("eval_every", "save_every", "num_workers"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"training.{key} must be an int >= 0, got {value!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(
-                f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)}"
+                f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)} (or leave "
+                "it unset: the launcher's setting)"
             )
-        if self.tracker not in TRACKERS:
-            raise ValueError(f"training.tracker={self.tracker!r}; accepted: {list(TRACKERS)}")
+        check_tracker_names(self.tracker)
         if not 0.0 <= self.usage_ema_decay < 1.0:
             raise ValueError(f"training.usage_ema_decay must be in [0, 1), got {self.usage_ema_decay!r}")
 

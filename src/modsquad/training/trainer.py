@@ -57,7 +57,7 @@ from .checkpointing import (
 from .recipe import TrainingRecipe
 from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
 from .task_data import TaskData
-from .tracking import CSVTracker
+from .tracking import CSVTracker, trackers_to_log_with
 
 # Parameters that weight decay should leave alone: biases, norms, learned tokens and embeddings, loss log-variances.
 NO_DECAY = ("bias", "norm", "cls_token", "task_tokens", "position_embeddings", "log_vars")
@@ -216,13 +216,63 @@ def use_cpu(requested: bool) -> bool:
     return launched and not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
 
 
-def resolve_mixed_precision(requested: str, cpu: bool) -> str:
-    """`"auto"` -> bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU; explicit choices pass through."""
+# Where `accelerate launch` (its flags, or the `accelerate config` file it reads) leaves its settings for the script.
+LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+LAUNCHER_GRADIENT_ACCUMULATION = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+
+
+def resolve_mixed_precision(requested: str | None, cpu: bool) -> str | None:
+    """The `mixed_precision` to hand to `Accelerator`.
+
+    A recipe's explicit choice wins; `"auto"` is bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU.
+    Unset (`None`): under a launcher, `None`, so that Accelerate applies the launcher's setting
+    (`accelerate launch --mixed_precision bf16` or the `accelerate config` file); without one, `"auto"`.
+    """
+    if requested is None:
+        if os.environ.get(LAUNCHER_MIXED_PRECISION):
+            return None
+        requested = "auto"
     if requested != "auto":
         return requested
     if cpu or not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_gradient_accumulation(requested: int | None) -> int:
+    """The recipe's micro-steps per optimizer step when it sets them, else the launcher's
+    (`accelerate launch --gradient_accumulation_steps N`), else 1."""
+    if requested is not None:
+        return requested
+    value = os.environ.get(LAUNCHER_GRADIENT_ACCUMULATION, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{LAUNCHER_GRADIENT_ACCUMULATION}={value!r} must be a positive int")
+    return int(value)
+
+
+def build_accelerator(recipe: TrainingRecipe) -> Accelerator:
+    """The run's `Accelerator`. Settings the recipe leaves unset (mixed precision, gradient accumulation, the
+    device) are Accelerate's own: what `accelerate launch` flags or `accelerate config` say."""
+    loop = recipe.training
+    output_dir = Path(recipe.output_dir)
+    cpu = use_cpu(loop.cpu)
+    find_unused = loop.find_unused_parameters
+    if find_unused is None:
+        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
+        find_unused = recipe.mixing.strategy != "simt"
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_mixed_precision(loop.mixed_precision, cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=resolve_gradient_accumulation(loop.gradient_accumulation_steps),
+            sync_with_dataloader=False,
+        ),
+        log_with=trackers_to_log_with(loop.tracker),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
 
 
 def build_mixer(
@@ -330,24 +380,7 @@ def train(
     """
     loop, optim = recipe.training, recipe.optimization
     output_dir = Path(recipe.output_dir)
-    cpu = use_cpu(loop.cpu)
-    mixed_precision = resolve_mixed_precision(loop.mixed_precision, cpu)
-    find_unused = loop.find_unused_parameters
-    if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt"
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=loop.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        log_with=None if loop.tracker == "none" else [_tracker(loop.tracker, output_dir)],
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
-    )
+    accelerator = build_accelerator(recipe)
     set_seed(recipe.seed)  # the same data order and training noise on every process
     if [t.name for t in tasks] != model.config.task_names:
         raise ValueError(
@@ -355,7 +388,7 @@ def train(
         )
 
     mixer = build_mixer(recipe, tasks, accelerator.num_processes, accelerator.process_index)
-    accumulation = loop.gradient_accumulation_steps
+    accumulation = accelerator.gradient_accumulation_steps
     max_steps = loop.max_steps or max(1, math.ceil(loop.num_epochs * mixer.steps_per_epoch / accumulation))
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
@@ -380,8 +413,18 @@ def train(
         # Steps after the checkpoint are trained again: forget what the interrupted run logged for them.
         kept = _read_history(log_path, state.step)
         log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-    if loop.tracker != "none":
-        accelerator.init_trackers("tracker", config=_flat_hparams(recipe, max_steps, mixer.steps_per_epoch))
+    if accelerator.log_with:
+        hparams = _flat_hparams(recipe, max_steps, mixer.steps_per_epoch)
+        # What the run actually used, wherever it was decided (recipe, launcher, `accelerate config`).
+        hparams.update(
+            {
+                "accelerate.mixed_precision": str(accelerator.mixed_precision),
+                "accelerate.num_processes": accelerator.num_processes,
+                "accelerate.gradient_accumulation_steps": accumulation,
+                "accelerate.device": str(accelerator.device),
+            }
+        )
+        accelerator.init_trackers("tracker", config=hparams)
         for tracker in accelerator.trackers:
             if isinstance(tracker, CSVTracker):
                 tracker.drop_after(state.step)
@@ -518,12 +561,6 @@ def train(
     )
 
 
-def _tracker(kind: str, output_dir: Path):
-    if kind == "csv":
-        return CSVTracker("tracker", output_dir / LOGS_DIR)
-    return kind
-
-
 def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {
         f"eval/{task}/{name}": value
@@ -559,10 +596,12 @@ def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) 
 __all__ = [
     "TrainResult",
     "TrainerState",
+    "build_accelerator",
     "build_mixer",
     "build_optimizer",
     "evaluate_tasks",
     "parameter_digest",
+    "resolve_gradient_accumulation",
     "resolve_mixed_precision",
     "train",
     "use_cpu",
