@@ -15,6 +15,9 @@ training: {max_steps: 1000, eval_every: 200, save_every: 200, keep_last: 2, trac
 
 Overrides are `dotted.key=value` strings whose value is parsed as YAML: `training.max_steps=50`,
 `tasks.cls.batch_size=8` (a task by name or position), `optimization.learning_rate=3e-4`.
+
+A value written `???` (OmegaConf's and Hydra's mark of a mandatory value) must be given by an override, e.g. the
+data paths of a recipe whose data lives on the user's machine: `tasks.cls.dataset.path=/data/cls`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_RecipeLoader)
 
 
+# A recipe value that an override must replace (OmegaConf's MISSING).
+REQUIRED = "???"
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -68,7 +73,8 @@ class TaskRecipe:
         name (`str`): task name (an identifier; names the head and the metrics).
         type (`str`, *optional*): task type, one of `TASK_TYPES`; may be left out for the built-in demo tasks.
         dataset (`dict`, *optional*): where the data is: keyword arguments of `load_task_dataset` (e.g.
-            `{"path": "../shared/data/cls"}` or a Hub id), or `{"demo": true}` for the generated demo data.
+            `{"path": "data/cls"}`, a Hub id, `streaming: true` to read as it trains), or `{"demo": true}` for
+            the generated demo data.
         train_split (`str`, *optional*, defaults to `"train"`): split trained on.
         eval_split (`str`, *optional*, defaults to `"validation"`): split evaluated on (`null`: no evaluation).
         columns (`dict[str, str]`, *optional*): column renames of the dataset (see `TaskDataAdapter`).
@@ -84,7 +90,11 @@ class TaskRecipe:
             task type's `AugmentConfig` defaults).
         loss_weight (`float`, *optional*, defaults to 1.0): fixed weight of the task loss (and the prior weight
             under uncertainty weighting).
-        max_train_samples, max_eval_samples (`int`, *optional*): keep only the first rows (quick runs).
+        max_train_samples, max_eval_samples (`int`, *optional*): keep only the first rows (quick runs); for a
+            streamed training split, also its number of rows.
+        num_train_rows (`int`, *optional*): rows of a streamed training split (`dataset.streaming: true`), which a
+            stream does not know: one epoch of this task. Without it (and without `max_train_samples`) the task's
+            stream is endless and the run needs `training.max_steps`.
     """
 
     name: str
@@ -103,6 +113,7 @@ class TaskRecipe:
     loss_weight: float = 1.0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    num_train_rows: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -111,7 +122,7 @@ class TaskRecipe:
             raise ValueError(f"task {self.name!r}: type={self.type!r}; accepted: {list(TASK_TYPES)}")
         for key in ("batch_size", "image_size"):
             _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
-        for key in ("eval_batch_size", "max_train_samples", "max_eval_samples"):
+        for key in ("eval_batch_size", "max_train_samples", "max_eval_samples", "num_train_rows"):
             if getattr(self, key) is not None:
                 _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
         if not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
@@ -427,7 +438,30 @@ def load_recipe(
             raise ValueError(f"recipe file {str(path)!r} must hold a mapping at the top level")
     raw.update(data)
     apply_overrides(raw, list(overrides or []))
+    missing = required_values(raw)
+    if missing:
+        source = f"{str(path)!r}" if path is not None else "the recipe"
+        raise ValueError(
+            f"{source} leaves {missing} to be given ({REQUIRED}); pass each as an override, e.g. "
+            f"{missing[0]}=<value> after `modsquad train --config ...`"
+        )
     return TrainingRecipe.from_dict(raw)
+
+
+def required_values(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a raw recipe whose value is still `???` (tasks named by their `name`)."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            found += required_values(value, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    if isinstance(node, list):
+        found = []
+        for index, item in enumerate(node):
+            name = item.get("name", index) if isinstance(item, dict) else index
+            found += required_values(item, f"{prefix}.{name}")
+        return found
+    return [prefix] if node == REQUIRED else []
 
 
 __all__ = [
@@ -439,4 +473,5 @@ __all__ = [
     "TrainingRecipe",
     "apply_overrides",
     "load_recipe",
+    "required_values",
 ]

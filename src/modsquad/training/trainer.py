@@ -27,6 +27,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    gather_object,
     is_npu_available,
     is_xpu_available,
     send_to_device,
@@ -35,7 +36,7 @@ from accelerate.utils import (
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ..data.mixing import MultiTaskMixer, TaskStream
+from ..data.mixing import MultiTaskMixer, StreamingTaskStream, TaskStream
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -278,19 +279,24 @@ def build_accelerator(recipe: TrainingRecipe) -> Accelerator:
 def build_mixer(
     recipe: TrainingRecipe, tasks: list[TaskData], num_processes: int, process_index: int
 ) -> MultiTaskMixer:
-    """One sharded [`TaskStream`] per task, mixed by the recipe's strategy."""
-    streams = {
-        task.name: TaskStream(
-            len(task.train_dataset),
-            task.batch_size,
-            task.make_loader,
-            seed=recipe.seed,
-            task_index=index,
-            num_replicas=num_processes,
-            rank=process_index,
-        )
-        for index, task in enumerate(tasks)
-    }
+    """One sharded [`TaskStream`] per task ([`StreamingTaskStream`] for streamed data), mixed by the recipe's
+    strategy."""
+    sharding = {"seed": recipe.seed, "num_replicas": num_processes, "rank": process_index}
+    streams: dict[str, TaskStream | StreamingTaskStream] = {}
+    for index, task in enumerate(tasks):
+        if task.is_streamed:
+            streams[task.name] = StreamingTaskStream(
+                task.train_dataset,
+                task.batch_size,
+                task.make_loader,
+                num_rows=task.num_train_rows,
+                task_index=index,
+                **sharding,
+            )
+        else:
+            streams[task.name] = TaskStream(
+                len(task.train_dataset), task.batch_size, task.make_loader, task_index=index, **sharding
+            )
     return MultiTaskMixer(
         streams,
         strategy=recipe.mixing.strategy,
@@ -298,6 +304,18 @@ def build_mixer(
         tasks_per_step=recipe.mixing.tasks_per_step,
         seed=recipe.seed,
     )
+
+
+def planned_steps(mixer: MultiTaskMixer, num_epochs: float, accumulation: int) -> int:
+    """Optimizer steps of `num_epochs` mixer epochs; a ValueError when a streamed task has no length to count
+    epochs by."""
+    if mixer.steps_per_epoch is None:
+        endless = [name for name, s in mixer.streams.items() if s.batches_per_epoch is None]
+        raise ValueError(
+            f"the streamed tasks {endless} have no known number of rows, so epochs cannot be counted: set "
+            "training.max_steps, or declare each one's rows (tasks.<name>.num_train_rows)"
+        )
+    return max(1, math.ceil(num_epochs * mixer.steps_per_epoch / accumulation))
 
 
 def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerator: Accelerator) -> dict:
@@ -389,7 +407,7 @@ def train(
 
     mixer = build_mixer(recipe, tasks, accelerator.num_processes, accelerator.process_index)
     accumulation = accelerator.gradient_accumulation_steps
-    max_steps = loop.max_steps or max(1, math.ceil(loop.num_epochs * mixer.steps_per_epoch / accumulation))
+    max_steps = loop.max_steps or planned_steps(mixer, loop.num_epochs, accumulation)
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
@@ -437,6 +455,8 @@ def train(
 
     def save_checkpoint() -> Path:
         folder = checkpoint_path(output_dir, state.step)
+        # Each process's place in its share of a streamed task: the main process saves them all.
+        mixer.gather_stream_states(gather_object)
         accelerator.save_state(str(folder))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -482,7 +502,11 @@ def train(
                 weights = accelerator.unwrap_model(step_module).weighting.effective_weights()
                 line = {
                     "step": state.step,
-                    "epoch": state.step * accumulation / mixer.steps_per_epoch,
+                    **(
+                        {"epoch": state.step * accumulation / mixer.steps_per_epoch}
+                        if mixer.steps_per_epoch
+                        else {}
+                    ),
                     "lr": scheduler.get_last_lr()[0],
                     **{key: reduced[key] for key in ("loss", "aux_loss", "mi_loss")},
                     "time": time.perf_counter() - started,
@@ -570,9 +594,11 @@ def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
-def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int | None) -> dict[str, Any]:
     """Scalar hyper-parameters for the tracker (trackers accept only str, bool, int and float)."""
-    flat: dict[str, Any] = {"max_steps": max_steps, "steps_per_epoch": steps_per_epoch}
+    flat: dict[str, Any] = {"max_steps": max_steps}
+    if steps_per_epoch is not None:
+        flat["steps_per_epoch"] = steps_per_epoch
 
     def visit(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -601,6 +627,7 @@ __all__ = [
     "build_optimizer",
     "evaluate_tasks",
     "parameter_digest",
+    "planned_steps",
     "resolve_gradient_accumulation",
     "resolve_mixed_precision",
     "train",
