@@ -8,6 +8,7 @@ from typing import Any
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 
 from ..data.schemas import TaskSchema, image_size, task_schema
 from ..model.image_processing_modsquad import ModSquadImageProcessor
@@ -153,6 +154,7 @@ def evaluate_model(
     reduce_labels: bool | None = None,
     min_depth: float | None = None,
     max_depth: float | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Runs a ModSquad model over a dataset in the Hub schema of its task and returns the task's metrics, computed at
     the ORIGINAL size of every image.
@@ -171,6 +173,7 @@ def evaluate_model(
         bbox_format (`str`, *optional*): detection box format of the dataset, `"xywh"` (default, COCO) or `"xyxy"`.
         reduce_labels (`bool`, *optional*): segmentation datasets whose id 0 is "other" (scene_parse_150).
         min_depth, max_depth (`float`, *optional*): valid depth range (depth-estimation).
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar of the images evaluated.
 
     Returns:
         `dict[str, float]`: classification `accuracy` and, with more than 5 classes, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
@@ -190,13 +193,16 @@ def evaluate_model(
     metric = task_metric(entry, min_depth=min_depth, max_depth=max_depth)
     if getattr(dataset, "column_names", None):
         schema.check_columns(dataset.column_names)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
     if max_samples is not None:
         dataset = dataset.take(max_samples)
+        total = max_samples if total is None else min(total, max_samples)
 
     was_training = model.training
     model.eval()
     parameter = next(model.parameters())
     task_kwargs = {"task": task_name} if pass_task else {}
+    bar = tqdm(total=total, desc=f"evaluate {task_name}", unit="img", leave=False, disable=not progress)
     try:
         for batch in dataset.iter(batch_size=batch_size):
             images = schema.images(batch)
@@ -207,7 +213,9 @@ def evaluate_model(
             outputs = model(pixel_values=pixel_values, **task_kwargs)
             predictions = predictions_at_original_size(processor, outputs, task_type, sizes, threshold)
             metric.add_batch(predictions=predictions, references=references)
+            bar.update(len(images))
     finally:
+        bar.close()
         model.train(was_training)
     if len(metric) == 0:
         raise ValueError("the dataset has no rows to evaluate")

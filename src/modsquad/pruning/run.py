@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..hub.model_card import DEFAULT_LICENSE, experts_kept_text, save_example_image, write_run_cards
 from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import EMA_USAGE_FILE, PRUNING_FILE, USAGE_FILE, USAGE_PLOT, RunFolder, weights_bytes
-from .heatmap import plot_router_usage
+from .heatmap import plot_router_usage, usage_data_text
 from .prune import (
     compare_pruned_outputs,
     kept_experts_per_router,
@@ -112,6 +113,7 @@ def prune_run(
     max_calibration_batches: int | None = None,
     min_experts: int | None = None,
     license: str = DEFAULT_LICENSE,
+    calibration_data: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Prunes every task of a run's multi-task model into `RUN/tasks/<task>/` and reports what it gained.
 
@@ -133,6 +135,8 @@ def prune_run(
         max_calibration_batches (`int`, *optional*): use at most this many calibration batches per task.
         min_experts (`int`, *optional*): see [`prune_for_task`].
         license (`str`, *optional*, defaults to `"apache-2.0"`): license written on the cards.
+        calibration_data (`Mapping[str, str]`, *optional*): per task, what its calibration data is (e.g. `"the
+            first 128 training images"`), for the heat-maps' titles; by default told from the usage itself.
 
     Returns:
         `list[dict]`: one row per pruned task with `task`, `type`, `folder`, `experts_mlp` / `experts_attention`
@@ -185,7 +189,10 @@ def prune_run(
         raise ValueError(f"evaluating needs the image processor, but {run.model_dir} has no {PROCESSOR_FILE}")
 
     rows, collected = [], []
-    for name in names:
+    described = dict(calibration_data or {})
+    tasks_bar = tqdm(names, desc="prune", unit="task", disable=len(names) < 2)
+    for name in tasks_bar:
+        tasks_bar.set_postfix(task=name)
         entry = config.get_task(name)
         model_class = task_head_class(entry["type"]).model_class
         before, load_before = _timed_load(model_class, run.model_dir, task=name)
@@ -210,7 +217,7 @@ def prune_run(
             usage,
             folder / USAGE_PLOT,
             kept=kept_experts_per_router(pruned.config),
-            title=f"{name}: experts kept",
+            title=f"{name}: experts kept, usage on {usage_data_text(usage, described.get(name))}",
         )
         after, load_after = _timed_load(model_class, folder)
 
@@ -258,9 +265,13 @@ def prune_run(
     known.update({u.task: u.to_dict() for u in collected})
     ordered = [known[t] for t in config.task_names if t in known]
     usage_path.write_text(json.dumps(ordered))
-    plot_router_usage(
-        [ExpertUsage.from_dict(u) for u in ordered], run.model_dir / USAGE_PLOT, title="expert usage"
+    usages = [ExpertUsage.from_dict(u) for u in ordered]
+    sources = {usage_data_text(u, described.get(u.task)) for u in usages}
+    # One description when every task's usage comes from the same kind of data, else each panel's own.
+    title = (
+        f"expert usage on {sources.pop()}" if len(sources) == 1 else "expert usage (per task: see its card)"
     )
+    plot_router_usage(usages, run.model_dir / USAGE_PLOT, title=title)
 
     table = {row["task"]: row for row in _read_rows(run.root / PRUNING_FILE)}
     table.update({row["task"]: row for row in rows})
