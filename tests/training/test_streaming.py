@@ -135,9 +135,16 @@ def test_streaming_run_interrupted_and_resumed_equals_the_straight_run(
 def test_every_strategy_trains_on_streams(parquet_folders, tmp_path, strategy):
     # 8 steps of one task batch at most: more than one pass of a 12-row shard under every strategy.
     recipe = stream_recipe(
-        parquet_folders, tmp_path, rows=12, mixing={"strategy": strategy}, training={"num_epochs": 3.0}
+        parquet_folders,
+        tmp_path,
+        rows=12,
+        mixing={"strategy": strategy},
+        training={"num_epochs": 3.0, "eval_at_end": True},
     )
+    for task in recipe.tasks:
+        task.eval_split = "validation"  # evaluated as a stream too
     result = train_recipe(recipe)
+    assert set(result.metrics) == {"cls", "seg"} and "mean_iou" in result.metrics["seg"]
     assert result.max_steps == 9  # 3 epochs of 3 steps (12 rows / 4 per batch; 6 task batches / 2 per step)
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in result.history)
 
@@ -163,6 +170,20 @@ def test_stream_errors_say_what_to_declare(parquet_folders, tmp_path):
     # More declared rows than the stream holds: the epoch cannot be filled.
     with pytest.raises(RuntimeError, match=r"ended after 6 of the 12 batches an epoch of num_rows=48 needs"):
         train_recipe(stream_recipe(parquet_folders, tmp_path / "c", rows=48, training={"max_steps": 8}))
+
+
+@pytest.mark.slow
+def test_dataloader_workers_decode_streams_without_changing_the_batches(parquet_folders, tmp_path):
+    # The main process reads the stream in order; workers decode and augment: the same batches for any count.
+    histories = []
+    for workers in (0, 2):
+        fresh_state()
+        torch.manual_seed(0)
+        recipe = stream_recipe(
+            parquet_folders, tmp_path / f"w{workers}", training={"max_steps": 8, "num_workers": workers}
+        )
+        histories.append([line["loss"] for line in train_recipe(recipe).history])
+    assert histories[0] == histories[1]
 
 
 # ------------------------------------------------------------------------------------------------ two processes
