@@ -190,7 +190,7 @@ def prune_run(
 
     rows, collected = [], []
     described = dict(calibration_data or {})
-    tasks_bar = tqdm(names, desc="prune", unit="task", disable=len(names) < 2)
+    tasks_bar = tqdm(names, desc="prune", unit="task")
     for name in tasks_bar:
         tasks_bar.set_postfix(task=name)
         entry = config.get_task(name)
