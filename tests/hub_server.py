@@ -56,6 +56,10 @@ class Repo:
         return self.commits[-1]
 
 
+# The relations the Hub defines between a model and its base_model.
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
 def validate_card(content: str) -> list[str]:
     """Errors the Hub would report for the YAML metadata of a model card (a simplified check)."""
     match = _YAML_BLOCK.match(content)
@@ -81,6 +85,14 @@ def validate_card(content: str) -> list[str]:
         isinstance(b, str) and b.count("/") == 1 for b in ([base] if isinstance(base, str) else base)
     ):
         errors.append('"base_model" must be one or more Hub model ids (namespace/name)')
+    relation = data.get("base_model_relation")
+    if relation is not None and (relation not in BASE_MODEL_RELATIONS or base is None):
+        errors.append(
+            f'"base_model_relation" must be one of {list(BASE_MODEL_RELATIONS)}, next to "base_model"'
+        )
+    for example in data.get("widget") or []:
+        if not isinstance(example, dict) or not str(example.get("src", "")).startswith("https://"):
+            errors.append('"widget" examples of image pipelines need a "src" URL')
     for entry in data.get("model-index") or []:
         for result in entry.get("results", []):
             if "type" not in result.get("task", {}) or "type" not in result.get("dataset", {}):

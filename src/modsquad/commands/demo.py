@@ -155,7 +155,7 @@ def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarr
     each task's evaluation data (plain resize, no augmentation); rows of tasks without such data are zeros."""
     config = model.config
     tables: list[np.ndarray] | None = None
-    for task in tasks:
+    for task in tqdm(tasks, desc="expert usage", unit="task"):
         if task.eval_dataset is None:
             continue
         loader = calibration_loader(
@@ -173,6 +173,17 @@ def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarr
         for table, router in zip(tables, usage.routers):
             table[config.task_index(task.name)] = router.fractions.numpy()
     return tables or []
+
+
+def validation_usage_title(router: str, tasks) -> str:
+    """The title of the demo's heat-map of `router`, saying which data it counts: the validation split (the cards'
+    maps count the calibration images pruning used, so the two differ)."""
+    sizes = {task.name: len(task.eval_dataset) for task in tasks if task.eval_dataset is not None}
+    if len(set(sizes.values())) == 1:
+        counted = f"{next(iter(sizes.values()))} images per task"
+    else:
+        counted = ", ".join(f"{name}: {size}" for name, size in sizes.items())
+    return f"expert usage, {router}, on the validation split ({counted})"
 
 
 def trivial_baselines(datasets: dict, tasks) -> dict[str, float]:
@@ -231,7 +242,15 @@ def prune_every_task(run_dir: Path, tasks, threshold: float) -> list[dict]:
         if task.eval_dataset is not None:
             validation[task.name] = task.eval_dataset
             options[task.name] = task.evaluation_kwargs()
-    return prune_run(run.root, loaders, threshold, validation_datasets=validation, evaluation_options=options)
+    calibration = {task.name: f"the first {DEMO_CALIBRATION_IMAGES} training images" for task in tasks}
+    return prune_run(
+        run.root,
+        loaders,
+        threshold,
+        validation_datasets=validation,
+        evaluation_options=options,
+        calibration_data=calibration,
+    )
 
 
 # The demo's work after training, counted in image forwards for its time estimate: the final evaluation and the
@@ -372,7 +391,10 @@ def run(args: argparse.Namespace) -> int:
     names = router_names(model.config)
     for name, table in zip(names, usage):
         plot_expert_usage(
-            table, model.config.task_names, usage_dir / f"{name}.png", title=f"expert usage, {name}"
+            table,
+            model.config.task_names,
+            usage_dir / f"{name}.png",
+            title=validation_usage_title(name, tasks),
         )
     (usage_dir / "fractions.json").write_text(
         json.dumps({name: table.tolist() for name, table in zip(names, usage)}, indent=1)
@@ -425,4 +447,5 @@ __all__ = [
     "router_names",
     "trivial_baselines",
     "validation_expert_usage",
+    "validation_usage_title",
 ]

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", action="append", dest="tasks", help="push only these task models (repeatable)"
     )
     parser.add_argument("--private", action="store_true", default=None, help="create the repos private")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument(
+        "--token", help="Hub token (default: HF_TOKEN, or the login saved by `hf auth login`)"
+    )
     parser.add_argument("--license", default="apache-2.0", help="license on the model cards (Hub license id)")
     parser.add_argument("--base-model", help="Hub id of the dense model the main model was upcycled from")
     parser.add_argument(

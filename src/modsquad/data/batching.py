@@ -70,6 +70,23 @@ class AdaptedDataset(Dataset):
         return self.adapter(self.dataset[key])
 
 
+class AdaptedStreamRows(Dataset):
+    """Adapts the rows of a stream handed to a DataLoader as `(undecoded row, epoch seed, key)` "indices" by its
+    sampler (see `StreamingTaskStream`): the main process only reads the stream, in order; DataLoader workers decode
+    each row with the stream's `features` and augment it with a generator seeded by `(epoch seed, *key)`, so the
+    batches are the same for any number of workers and after a resume."""
+
+    def __init__(self, features: Any, adapter: TaskDataAdapter):
+        self.features = features
+        self.adapter = adapter
+
+    def __getitem__(self, item: tuple[dict[str, Any], int, tuple[int, ...]]) -> dict[str, Any]:
+        row, epoch_seed, key = item
+        if self.features is not None:
+            row = self.features.decode_example(row)
+        return self.adapter(row, rng=np.random.default_rng([epoch_seed, *key]))
+
+
 class AdaptedIterableDataset(IterableDataset):
     """A stream of adapted rows. Each pass (each DataLoader iteration) gets a seed: from the DataLoader's worker
     seed in workers (shared by all workers of a pass, so they shuffle the shards alike), else from `generator`."""
@@ -172,6 +189,7 @@ def _is_stream(dataset: Any) -> bool:
 __all__ = [
     "AdaptedDataset",
     "AdaptedIterableDataset",
+    "AdaptedStreamRows",
     "SeededSampler",
     "build_task_dataloader",
 ]

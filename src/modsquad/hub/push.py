@@ -12,11 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from tqdm.auto import tqdm
 
 from ..run_folder import RunFolder
 from .model_card import CARD_FILE, DEFAULT_LICENSE, render_run_cards
+
+# What to do without a Hub token: the ways `huggingface_hub` finds one.
+LOGIN_HINT = "log in with `hf auth login`, set the HF_TOKEN environment variable, or pass --token"
 
 # Never published: Python caches and editor or OS leftovers.
 SKIPPED_NAMES = ("__pycache__", ".DS_Store")
@@ -115,11 +120,15 @@ def push_run(
     """
     run = RunFolder.open(run_dir)
     targets = push_targets(run, repo_id, tasks)
+    if not dry_run and token is None and get_token() is None:
+        raise ValueError(f"pushing to the Hub needs a token: {LOGIN_HINT}")
     cards = render_run_cards(run, repo_id=repo_id, license=license, base_model=base_model, tasks=tasks)
     api = HfApi(token=token)
     uploaded = {}
+    bar = tqdm(targets, desc="push", unit="repo", disable=dry_run)
     with tempfile.TemporaryDirectory(prefix="modsquad-push-") as tmp:
-        for index, target in enumerate(targets):
+        for index, target in enumerate(bar):
+            bar.set_postfix(repo=target.repo_id)
             card = cards.get(target.folder)
             staging = Path(tmp) / str(index)
             files = _stage(target.folder, staging, str(card) if card is not None else None)
@@ -130,7 +139,14 @@ def push_run(
             uploaded[target.repo_id] = files
             if dry_run:
                 continue
-            api.create_repo(target.repo_id, private=private, exist_ok=True)
+            try:
+                api.create_repo(target.repo_id, private=private, exist_ok=True)
+            except HfHubHTTPError as error:
+                if error.response is not None and error.response.status_code == 401:
+                    raise ValueError(
+                        f"the Hub refused the token for {target.repo_id!r} (401): {LOGIN_HINT}"
+                    ) from error
+                raise
             api.upload_folder(repo_id=target.repo_id, folder_path=staging, commit_message=commit_message)
     return uploaded
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_outputs import ModelOutput
 
-from .box_ops import xyxy_to_cxcywh
 from .configuration_modsquad import task_option
 from .feature_pyramid import ModSquadChannelLayerNorm, tokens_to_grid
 from .loss_detection import detection_loss
@@ -183,7 +183,7 @@ class ModSquadObjectDetectionHead(TaskHead):
             loss=loss,
             loss_dict=predictions.get("loss_dict"),
             logits=predictions["heatmap"].flatten(2).transpose(1, 2),
-            pred_boxes=xyxy_to_cxcywh(predictions["boxes_xyxy"].clamp(0, 1)),
+            pred_boxes=corners_to_center_format(predictions["boxes_xyxy"].clamp(0, 1)),
             hidden_states=backbone_output.hidden_states,
             **routing_fields(backbone_output),
         )

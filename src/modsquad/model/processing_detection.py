@@ -6,30 +6,38 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_transforms import center_to_corners_format, corners_to_center_format
 
-from .box_ops import batched_nms, cxcywh_to_xyxy, xywh_to_cxcywh
+from .box_ops import batched_nms
 
 # Boxes may overshoot the image by rounding in real annotations; beyond this many pixels they are an error.
 BOX_TOLERANCE_PX = 1.0
 
 
 def prepare_detection_labels(
-    annotations: Any, original_sizes: list[tuple[int, int]]
+    annotations: Any,
+    original_sizes: list[tuple[int, int]],
+    processed_sizes: list[tuple[int, int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """COCO-format annotations -> one label dict per image, as Transformers detection models take them.
+    """COCO-format annotations -> one label dict per image, as Transformers' DETR-family processors return them.
 
     Args:
         annotations: one entry per image, either `{"image_id": int, "annotations": [{"bbox": [x, y, w, h],
-            "category_id": int, ...}, ...]}` (COCO detection format) or directly the list of objects. Boxes are in
-            pixels of the ORIGINAL image.
+            "category_id": int, "area": float, "iscrowd": 0 or 1, ...}, ...]}` (COCO detection format, as DETR's
+            processor takes it) or directly the list of objects. Boxes are in pixels of the ORIGINAL image. Objects
+            marked `iscrowd: 1` are left out, as DETR leaves them out; `area` defaults to the box area.
         original_sizes: `(height, width)` of each original image.
+        processed_sizes: `(height, width)` of each processed image (`size` of the labels, and what `area` is
+            scaled to); the original sizes when not given.
 
     Returns:
-        `list[dict]` with `class_labels` (`torch.LongTensor` of shape `(num_boxes,)`) and `boxes`
+        `list[dict]` with `class_labels` (`torch.LongTensor` of shape `(num_boxes,)`), `boxes`
         (`torch.FloatTensor` of shape `(num_boxes, 4)`, normalised `(center_x, center_y, width, height)`, which a
-        resize leaves unchanged), plus `orig_size`. Boxes are clipped to the image; a box that overshoots by less
-        than `BOX_TOLERANCE_PX` and has nothing left inside is dropped. `category_id` is used as the class id as it
-        is: map dataset category ids to the model's contiguous ids (`label2id`) beforehand.
+        resize leaves unchanged), `area` (`(num_boxes,)`, pixels of the processed image), `iscrowd` (`(num_boxes,)`,
+        zeros), `image_id` (`(1,)`, when given), `orig_size` and `size` (`(2,)` height and width). Boxes are clipped
+        to the image; a box that overshoots by less than `BOX_TOLERANCE_PX` and has nothing left inside is
+        dropped. `category_id` is used as the class id as it is: map dataset category ids to the model's
+        contiguous ids (`label2id`) beforehand.
 
     Raises:
         ValueError: for a missing key, a degenerate box, a box outside the image or a non-integer category,
@@ -41,6 +49,7 @@ def prepare_detection_labels(
         raise ValueError(
             f"got {len(annotations)} annotations for {len(original_sizes)} images; give one per image"
         )
+    processed_sizes = list(processed_sizes or original_sizes)
     labels = []
     for index, (entry, (height, width)) in enumerate(zip(annotations, original_sizes)):
         objects = entry.get("annotations") if isinstance(entry, dict) else entry
@@ -49,12 +58,18 @@ def prepare_detection_labels(
                 f"annotations[{index}] must be {{'image_id': ..., 'annotations': [{{'bbox': [x, y, w, h], "
                 f"'category_id': ...}}]}} or a list of such objects, got {entry!r}"
             )
-        boxes, classes = [], []
+        out_height, out_width = processed_sizes[index]
+        area_scale = (out_height * out_width) / (height * width)
+        corners, classes, areas = [], [], []
         for obj in objects:
             if "bbox" not in obj or "category_id" not in obj:
                 raise ValueError(
                     f"annotations[{index}]: each object needs 'bbox' and 'category_id', got {obj!r}"
                 )
+            if obj.get("iscrowd", 0) not in (0, 1, False, True):
+                raise ValueError(f"annotations[{index}]: iscrowd must be 0 or 1, got {obj['iscrowd']!r}")
+            if obj.get("iscrowd", 0):
+                continue  # a crowd region, not one object (DETR's processor drops them too)
             x, y, w, h = (float(v) for v in obj["bbox"])
             if w <= 0 or h <= 0:
                 raise ValueError(
@@ -80,16 +95,23 @@ def prepare_detection_labels(
             if x1 <= x0 or y1 <= y0:
                 # A sliver lying wholly in the tolerated overshoot: nothing of it is in the image.
                 continue
-            boxes.append([x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height])
+            area = float(obj["area"]) if obj.get("area") is not None else (x1 - x0) * (y1 - y0)
+            if not area > 0:
+                raise ValueError(f"annotations[{index}]: area must be > 0, got {obj['area']!r}")
+            corners.append([x0 / width, y0 / height, x1 / width, y1 / height])
             classes.append(category)
-        box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        labels.append(
-            {
-                "class_labels": torch.tensor(classes, dtype=torch.long),
-                "boxes": xywh_to_cxcywh(box_tensor),
-                "orig_size": torch.tensor([height, width]),
-            }
-        )
+            areas.append(area * area_scale)
+        label = {
+            "class_labels": torch.tensor(classes, dtype=torch.long),
+            "boxes": corners_to_center_format(torch.tensor(corners, dtype=torch.float32).reshape(-1, 4)),
+            "area": torch.tensor(areas, dtype=torch.float32),
+            "iscrowd": torch.zeros(len(classes), dtype=torch.long),
+            "orig_size": torch.tensor([height, width]),
+            "size": torch.tensor([out_height, out_width]),
+        }
+        if isinstance(entry, dict) and entry.get("image_id") is not None:
+            label["image_id"] = torch.tensor([int(entry["image_id"])])
+        labels.append(label)
     return labels
 
 
@@ -165,7 +187,7 @@ def post_process_object_detection(
         image_scores = top_scores[image][keep]
         labels = top_index[image][keep] % num_labels
         queries = top_index[image][keep] // num_labels
-        boxes = cxcywh_to_xyxy(pred_boxes[image].detach().float()[queries])
+        boxes = center_to_corners_format(pred_boxes[image].detach().float()[queries])
         if nms_threshold is not None:
             kept = batched_nms(boxes, image_scores, labels, nms_threshold)
             image_scores, labels, boxes = image_scores[kept], labels[kept], boxes[kept]

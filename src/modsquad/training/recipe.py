@@ -16,6 +16,9 @@ training: {max_steps: 1000, eval_every: 200, save_every: 200, keep_last: 2, trac
 
 Overrides are `dotted.key=value` strings whose value is parsed as YAML: `training.max_steps=50`,
 `tasks.cls.batch_size=8` (a task by name or position), `optimization.learning_rate=3e-4`.
+
+A value written `???` (OmegaConf's and Hydra's mark of a mandatory value) must be given by an override, e.g. the
+data paths of a recipe whose data lives on the user's machine: `tasks.cls.dataset.path=/data/cls`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import yaml
 from ..adaptation.upcycling import UPCYCLING_MODES
 from ..data.mixing import STRATEGIES
 from ..model.configuration_modsquad import TASK_TYPES
+from .tracking import check_tracker_names
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -56,9 +60,10 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_RecipeLoader)
 
 
+# A recipe value that an override must replace (OmegaConf's MISSING).
+REQUIRED = "???"
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-TRACKERS = ("csv", "tensorboard", "none")
 UPCYCLING_OPTIONS = ("mode", "router_init_std")
 
 
@@ -71,7 +76,8 @@ class TaskRecipe:
         name (`str`): task name (an identifier; names the head and the metrics).
         type (`str`, *optional*): task type, one of `TASK_TYPES`; may be left out for the built-in demo tasks.
         dataset (`dict`, *optional*): where the data is: keyword arguments of `load_task_dataset` (e.g.
-            `{"path": "../shared/data/cls"}` or a Hub id), or `{"demo": true}` for the generated demo data.
+            `{"path": "data/cls"}`, a Hub id, `streaming: true` to read as it trains), or `{"demo": true}` for
+            the generated demo data.
         train_split (`str`, *optional*, defaults to `"train"`): split trained on.
         eval_split (`str`, *optional*, defaults to `"validation"`): split evaluated on (`null`: no evaluation).
         columns (`dict[str, str]`, *optional*): column renames of the dataset (see `TaskDataAdapter`).
@@ -89,7 +95,11 @@ class TaskRecipe:
             task type's `AugmentConfig` defaults).
         loss_weight (`float`, *optional*, defaults to 1.0): fixed weight of the task loss (and the prior weight
             under uncertainty weighting).
-        max_train_samples, max_eval_samples (`int`, *optional*): keep only the first rows (quick runs).
+        max_train_samples, max_eval_samples (`int`, *optional*): keep only the first rows (quick runs); for a
+            streamed training split, also its number of rows.
+        num_train_rows (`int`, *optional*): rows of a streamed training split (`dataset.streaming: true`), which a
+            stream does not know: one epoch of this task. Without it (and without `max_train_samples`) the task's
+            stream is endless and the run needs `training.max_steps`.
     """
 
     name: str
@@ -108,6 +118,7 @@ class TaskRecipe:
     loss_weight: float = 1.0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    num_train_rows: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -115,7 +126,13 @@ class TaskRecipe:
         if self.type is not None and self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: type={self.type!r}; accepted: {list(TASK_TYPES)}")
         _check_positive_int(f"tasks.{self.name}.batch_size", self.batch_size)
-        for key in ("image_size", "eval_batch_size", "max_train_samples", "max_eval_samples"):
+        for key in (
+            "image_size",
+            "eval_batch_size",
+            "max_train_samples",
+            "max_eval_samples",
+            "num_train_rows",
+        ):
             if getattr(self, key) is not None:
                 _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
         if not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
@@ -269,17 +286,22 @@ class LoopRecipe:
     Args:
         max_steps (`int`, *optional*): optimizer steps to train; `num_epochs` is used when not given.
         num_epochs (`float`, *optional*, defaults to 1.0): length in mixer epochs (see `MultiTaskMixer`).
-        gradient_accumulation_steps (`int`, *optional*, defaults to 1): multi-task micro-steps per optimizer step.
-            The mutual-information window is one micro-step (all its task batches).
-        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"auto"` (bf16 on GPUs that have it, else fp16
-            on GPU; full precision on CPU), `"no"`, `"fp16"`, `"bf16"` (also on CPU when asked).
+        gradient_accumulation_steps (`int`, *optional*): multi-task micro-steps per optimizer step. The
+            mutual-information window is one micro-step (all its task batches). When not set, the launcher's
+            (`accelerate launch --gradient_accumulation_steps N`), else 1.
+        mixed_precision (`str`, *optional*): `"auto"` (bf16 on GPUs that have it, else fp16 on GPU; full precision
+            on CPU), `"no"`, `"fp16"`, `"bf16"` (also on CPU when asked). When not set, Accelerate's own
+            configuration decides (`accelerate launch --mixed_precision bf16`, or the `accelerate config` file that
+            `accelerate launch` reads); without a launcher, `"auto"`.
         cpu (`bool`, *optional*, defaults to `False`): train on the CPU even when a GPU is present.
         log_every (`int`, *optional*, defaults to 10): steps between tracker logs and training-log lines.
         eval_every (`int`, *optional*, defaults to 0): steps between evaluations (0: only at the end).
         eval_at_end (`bool`, *optional*, defaults to `True`): evaluate every task after the last step.
         save_every (`int`, *optional*, defaults to 0): steps between checkpoints (0: only on interruption).
         keep_last (`int`, *optional*, defaults to 2): checkpoints kept; older ones are deleted.
-        tracker (`str`, *optional*, defaults to `"csv"`): `"csv"`, `"tensorboard"` or `"none"`.
+        tracker (`str` or `list[str]`, *optional*, defaults to `"csv"`): experiment tracker(s): `"csv"`, any tracker
+            Accelerate supports (`"tensorboard"`, `"wandb"`, `"trackio"`, `"mlflow"`, `"comet_ml"`, `"aim"`,
+            `"clearml"`, `"dvclive"`, `"swanlab"`), `"all"` (every installed one) or `"none"`.
         num_workers (`int`, *optional*, defaults to 0): DataLoader workers per task.
         find_unused_parameters (`bool`, *optional*): DDP's flag; by default on exactly when the mixing strategy
             can leave a task (hence its head) out of a step.
@@ -293,15 +315,15 @@ class LoopRecipe:
 
     max_steps: int | None = None
     num_epochs: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"
+    gradient_accumulation_steps: int | None = None
+    mixed_precision: str | None = None
     cpu: bool = False
     log_every: int = 10
     eval_every: int = 0
     eval_at_end: bool = True
     save_every: int = 0
     keep_last: int = 2
-    tracker: str = "csv"
+    tracker: str | list[str] = "csv"
     num_workers: int = 0
     find_unused_parameters: bool | None = None
     usage_ema_decay: float = 0.99
@@ -321,19 +343,20 @@ class LoopRecipe:
             _check_positive_int("training.max_steps", self.max_steps)
         elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:
             raise ValueError(f"training.num_epochs must be a number > 0, got {self.num_epochs!r}")
-        _check_positive_int("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.gradient_accumulation_steps is not None:
+            _check_positive_int("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive_int("training.log_every", self.log_every)
         _check_positive_int("training.keep_last", self.keep_last)
         for key in ("eval_every", "save_every", "num_workers"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"training.{key} must be an int >= 0, got {value!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(
-                f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)}"
+                f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)} (or leave "
+                "it unset: the launcher's setting)"
             )
-        if self.tracker not in TRACKERS:
-            raise ValueError(f"training.tracker={self.tracker!r}; accepted: {list(TRACKERS)}")
+        check_tracker_names(self.tracker)
         if not 0.0 <= self.usage_ema_decay < 1.0:
             raise ValueError(f"training.usage_ema_decay must be in [0, 1), got {self.usage_ema_decay!r}")
 
@@ -489,7 +512,30 @@ def load_recipe(
             raise ValueError(f"recipe file {str(path)!r} must hold a mapping at the top level")
     raw.update(data)
     apply_overrides(raw, list(overrides or []))
+    missing = required_values(raw)
+    if missing:
+        source = f"{str(path)!r}" if path is not None else "the recipe"
+        raise ValueError(
+            f"{source} leaves {missing} to be given ({REQUIRED}); pass each as an override, e.g. "
+            f"{missing[0]}=<value> after `modsquad train --config ...`"
+        )
     return TrainingRecipe.from_dict(raw)
+
+
+def required_values(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a raw recipe whose value is still `???` (tasks named by their `name`)."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            found += required_values(value, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    if isinstance(node, list):
+        found = []
+        for index, item in enumerate(node):
+            name = item.get("name", index) if isinstance(item, dict) else index
+            found += required_values(item, f"{prefix}.{name}")
+        return found
+    return [prefix] if node == REQUIRED else []
 
 
 __all__ = [
@@ -501,4 +547,5 @@ __all__ = [
     "TrainingRecipe",
     "apply_overrides",
     "load_recipe",
+    "required_values",
 ]

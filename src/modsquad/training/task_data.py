@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ..data.adapter import TaskDataAdapter
-from ..data.batching import AdaptedDataset
+from ..data.batching import AdaptedDataset, AdaptedStreamRows
 from ..data.demo import demo_task_configs, make_demo_datasets
 from ..data.loading import load_task_dataset
 from ..data.mixing import epoch_seed
@@ -31,10 +32,11 @@ class TaskData:
 
     Args:
         name (`str`): task name (as in the model config).
-        train_dataset: map-style training dataset.
-        make_loader (`Callable`): `(rows, epoch) -> iterable of batches` over the rows `rows` of `train_dataset`, in
-            that order (a non-shuffling DataLoader of `batch_size` that keeps every row; see [`TaskStream`]).
-            Batches are dicts with `pixel_values` and `labels`.
+        train_dataset: map-style training dataset, or a streamed one (`datasets.IterableDataset`).
+        make_loader (`Callable`): `(rows, epoch) -> iterable of batches`. Map-style: over the row indices `rows` of
+            `train_dataset`, in that order (a non-shuffling DataLoader of `batch_size` that keeps every row; see
+            [`TaskStream`]). Streamed: over the `(key, undecoded row)` pairs `rows` yields, full batches only (see
+            [`StreamingTaskStream`]). Batches are dicts with `pixel_values` and `labels`.
         batch_size (`int`): training batch size per process.
         eval_dataset (*optional*): evaluation dataset in its Hub schema (what `evaluate_model` reads).
         processor (*optional*): the image processor that evaluation uses for this task.
@@ -45,6 +47,7 @@ class TaskData:
         max_eval_samples (`int`, *optional*): evaluate on the first rows only.
         loss_weight (`float`, *optional*, defaults to 1.0): fixed task weight.
         config_entry (`dict`, *optional*): the task's entry of `ModSquadConfig.tasks` (to build a model from).
+        num_train_rows (`int`, *optional*): rows of one epoch of a streamed `train_dataset` (unknown: endless).
     """
 
     name: str
@@ -59,6 +62,12 @@ class TaskData:
     max_eval_samples: int | None = None
     loss_weight: float = 1.0
     config_entry: dict[str, Any] | None = None
+    num_train_rows: int | None = None
+
+    @property
+    def is_streamed(self) -> bool:
+        """Whether the training data is a stream (`datasets.IterableDataset`)."""
+        return is_stream(self.train_dataset)
 
     def evaluation_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `evaluate_model` for this task's evaluation data (besides model, processor
@@ -117,8 +126,28 @@ def load_task_splits(task: TaskRecipe, demo_cache: dict | None = None) -> tuple[
             )
         evaluation = splits[task.eval_split]
     if task.max_train_samples is not None:
-        train = train.select(range(min(task.max_train_samples, len(train))))
+        if is_stream(train):
+            train = train.take(task.max_train_samples)
+        else:
+            train = train.select(range(min(task.max_train_samples, len(train))))
     return train, evaluation
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether `dataset` is a streamed `datasets.IterableDataset` (read as it goes, length unknown)."""
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def stream_rows(task: TaskRecipe, train: Any) -> int | None:
+    """Rows of one epoch of a streamed training split: the recipe's `num_train_rows`, else `max_train_samples`, else
+    the split size the dataset's metadata records (Hub datasets), else `None` (endless; measured in steps)."""
+    if task.num_train_rows is not None:
+        return task.num_train_rows
+    if task.max_train_samples is not None:
+        return task.max_train_samples
+    splits = getattr(getattr(train, "info", None), "splits", None) or {}
+    split = splits.get(task.train_split)
+    return getattr(split, "num_examples", None) or None
 
 
 def task_entry(task: TaskRecipe, train_dataset: Any) -> dict[str, Any]:
@@ -168,11 +197,30 @@ def class_names(dataset: Any, task_type: str, columns: dict[str, str] | None = N
 def make_train_loader(
     dataset: Any, adapter: TaskDataAdapter, batch_size: int, num_workers: int, seed: int, task_index: int
 ):
-    """The `make_loader(rows, epoch)` of a [`TaskStream`]: a DataLoader over the adapted rows `rows`, in order.
+    """The `make_loader(rows, epoch)` of a [`TaskStream`] (map-style `dataset`) or a [`StreamingTaskStream`]
+    (streamed `dataset`): a DataLoader over the adapted rows `rows`, in order.
 
     Each row's augmentation is seeded by `(epoch seed, row index)` (what `AdaptedDataset` does with a `(row, seed)`
-    key), never by its position in the loader, so a run resumed mid-epoch augments exactly as the uninterrupted one.
+    key) or, for a stream, by `(epoch seed, process, position in its pass)`, never by its position in the loader, so
+    a run resumed mid-epoch augments exactly as the uninterrupted one. A stream's rows are read in the main process
+    and decoded and augmented in the workers.
     """
+    if is_stream(dataset):
+        stream_rows_adapted = AdaptedStreamRows(dataset.features, adapter)
+
+        def make_stream_loader(rows: Iterable, epoch: int) -> Iterable:
+            seed_of_epoch = epoch_seed(seed, task_index, epoch)
+            return DataLoader(
+                stream_rows_adapted,
+                batch_size=batch_size,
+                sampler=((row, seed_of_epoch, key) for key, row in rows),
+                collate_fn=adapter.collate,
+                num_workers=num_workers,
+                drop_last=True,  # a pass's last, partial batch is dropped: every step's batches are full
+            )
+
+        return make_stream_loader
+
     adapted = AdaptedDataset(dataset, adapter)
 
     def make_loader(rows: list[int], epoch: int) -> Iterable:
@@ -232,6 +280,7 @@ def build_task_data(
                 max_eval_samples=task.max_eval_samples,
                 loss_weight=task.loss_weight,
                 config_entry=entry,
+                num_train_rows=stream_rows(task, train) if is_stream(train) else None,
             )
         )
     if processor is None:
@@ -296,7 +345,9 @@ __all__ = [
     "build_model",
     "build_task_data",
     "class_names",
+    "is_stream",
     "load_task_splits",
     "make_train_loader",
+    "stream_rows",
     "task_entry",
 ]

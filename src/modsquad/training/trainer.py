@@ -32,6 +32,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    gather_object,
     is_npu_available,
     is_xpu_available,
     send_to_device,
@@ -40,7 +41,7 @@ from accelerate.utils import (
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ..data.mixing import MultiTaskMixer, TaskStream
+from ..data.mixing import MultiTaskMixer, StreamingTaskStream, TaskStream
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -64,7 +65,7 @@ from .param_groups import group_learning_rates, learning_rate_groups
 from .recipe import TrainingRecipe
 from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
 from .task_data import TaskData
-from .tracking import CSVTracker
+from .tracking import CSVTracker, trackers_to_log_with
 
 
 @dataclass
@@ -280,8 +281,22 @@ def use_cpu(requested: bool) -> bool:
     return launched and not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
 
 
-def resolve_mixed_precision(requested: str, cpu: bool) -> str:
-    """`"auto"` -> bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU; explicit choices pass through."""
+# Where `accelerate launch` (its flags, or the `accelerate config` file it reads) leaves its settings for the script.
+LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+LAUNCHER_GRADIENT_ACCUMULATION = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+
+
+def resolve_mixed_precision(requested: str | None, cpu: bool) -> str | None:
+    """The `mixed_precision` to hand to `Accelerator`.
+
+    A recipe's explicit choice wins; `"auto"` is bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU.
+    Unset (`None`): under a launcher, `None`, so that Accelerate applies the launcher's setting
+    (`accelerate launch --mixed_precision bf16` or the `accelerate config` file); without one, `"auto"`.
+    """
+    if requested is None:
+        if os.environ.get(LAUNCHER_MIXED_PRECISION):
+            return None
+        requested = "auto"
     if requested != "auto":
         return requested
     if cpu or not torch.cuda.is_available():
@@ -289,22 +304,63 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def resolve_gradient_accumulation(requested: int | None) -> int:
+    """The recipe's micro-steps per optimizer step when it sets them, else the launcher's
+    (`accelerate launch --gradient_accumulation_steps N`), else 1."""
+    if requested is not None:
+        return requested
+    value = os.environ.get(LAUNCHER_GRADIENT_ACCUMULATION, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{LAUNCHER_GRADIENT_ACCUMULATION}={value!r} must be a positive int")
+    return int(value)
+
+
+def build_accelerator(recipe: TrainingRecipe) -> Accelerator:
+    """The run's `Accelerator`. Settings the recipe leaves unset (mixed precision, gradient accumulation, the
+    device) are Accelerate's own: what `accelerate launch` flags or `accelerate config` say."""
+    loop = recipe.training
+    output_dir = Path(recipe.output_dir)
+    cpu = use_cpu(loop.cpu)
+    find_unused = loop.find_unused_parameters
+    if find_unused is None:
+        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
+        find_unused = recipe.mixing.strategy != "simt"
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_mixed_precision(loop.mixed_precision, cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=resolve_gradient_accumulation(loop.gradient_accumulation_steps),
+            sync_with_dataloader=False,
+        ),
+        log_with=trackers_to_log_with(loop.tracker),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+
+
 def build_mixer(
     recipe: TrainingRecipe, tasks: list[TaskData], num_processes: int, process_index: int
 ) -> MultiTaskMixer:
-    """One sharded [`TaskStream`] per task, mixed by the recipe's strategy."""
-    streams = {
-        task.name: TaskStream(
-            len(task.train_dataset),
-            task.batch_size,
-            task.make_loader,
-            seed=recipe.seed,
-            task_index=index,
-            num_replicas=num_processes,
-            rank=process_index,
-        )
-        for index, task in enumerate(tasks)
-    }
+    """One sharded [`TaskStream`] per task ([`StreamingTaskStream`] for streamed data), mixed by the recipe's
+    strategy."""
+    sharding = {"seed": recipe.seed, "num_replicas": num_processes, "rank": process_index}
+    streams: dict[str, TaskStream | StreamingTaskStream] = {}
+    for index, task in enumerate(tasks):
+        if task.is_streamed:
+            streams[task.name] = StreamingTaskStream(
+                task.train_dataset,
+                task.batch_size,
+                task.make_loader,
+                num_rows=task.num_train_rows,
+                task_index=index,
+                **sharding,
+            )
+        else:
+            streams[task.name] = TaskStream(
+                len(task.train_dataset), task.batch_size, task.make_loader, task_index=index, **sharding
+            )
     return MultiTaskMixer(
         streams,
         strategy=recipe.mixing.strategy,
@@ -312,6 +368,18 @@ def build_mixer(
         tasks_per_step=recipe.mixing.tasks_per_step,
         seed=recipe.seed,
     )
+
+
+def steps_for_epochs(mixer: MultiTaskMixer, num_epochs: float, accumulation: int) -> int:
+    """Optimizer steps of `num_epochs` mixer epochs; a ValueError when a streamed task has no length to count
+    epochs by."""
+    if mixer.steps_per_epoch is None:
+        endless = [name for name, s in mixer.streams.items() if s.batches_per_epoch is None]
+        raise ValueError(
+            f"the streamed tasks {endless} have no known number of rows, so epochs cannot be counted: set "
+            "training.max_steps, or declare each one's rows (tasks.<name>.num_train_rows)"
+        )
+    return max(1, math.ceil(num_epochs * mixer.steps_per_epoch / accumulation))
 
 
 def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerator: Accelerator) -> dict:
@@ -398,24 +466,7 @@ def train(
     """
     loop, optim = recipe.training, recipe.optimization
     output_dir = Path(recipe.output_dir)
-    cpu = use_cpu(loop.cpu)
-    mixed_precision = resolve_mixed_precision(loop.mixed_precision, cpu)
-    find_unused = loop.find_unused_parameters
-    if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt"
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=loop.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        log_with=None if loop.tracker == "none" else [_tracker(loop.tracker, output_dir)],
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
-    )
+    accelerator = build_accelerator(recipe)
     set_seed(recipe.seed)  # the same data order and training noise on every process
     if [t.name for t in tasks] != model.config.task_names:
         raise ValueError(
@@ -423,8 +474,8 @@ def train(
         )
 
     mixer = build_mixer(recipe, tasks, accelerator.num_processes, accelerator.process_index)
-    accumulation = loop.gradient_accumulation_steps
-    max_steps = loop.max_steps or max(1, math.ceil(loop.num_epochs * mixer.steps_per_epoch / accumulation))
+    accumulation = accelerator.gradient_accumulation_steps
+    max_steps = loop.max_steps or steps_for_epochs(mixer, loop.num_epochs, accumulation)
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
@@ -457,8 +508,18 @@ def train(
         # Steps after the checkpoint are trained again: forget what the interrupted run logged for them.
         kept = _read_history(log_path, state.step)
         log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-    if loop.tracker != "none":
-        accelerator.init_trackers("tracker", config=_flat_hparams(recipe, max_steps, mixer.steps_per_epoch))
+    if accelerator.log_with:
+        hparams = _flat_hparams(recipe, max_steps, mixer.steps_per_epoch)
+        # What the run actually used, wherever it was decided (recipe, launcher, `accelerate config`).
+        hparams.update(
+            {
+                "accelerate.mixed_precision": str(accelerator.mixed_precision),
+                "accelerate.num_processes": accelerator.num_processes,
+                "accelerate.gradient_accumulation_steps": accumulation,
+                "accelerate.device": str(accelerator.device),
+            }
+        )
+        accelerator.init_trackers("tracker", config=hparams)
         for tracker in accelerator.trackers:
             if isinstance(tracker, CSVTracker):
                 tracker.drop_after(state.step)
@@ -476,6 +537,8 @@ def train(
 
     def save_checkpoint() -> Path:
         folder = checkpoint_path(output_dir, state.step)
+        # Each process's place in its share of a streamed task: the main process saves them all.
+        mixer.gather_stream_states(gather_object)
         accelerator.save_state(str(folder))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -546,7 +609,11 @@ def train(
                 weights = accelerator.unwrap_model(step_module).weighting.effective_weights()
                 line = {
                     "step": state.step,
-                    "epoch": state.step * accumulation / mixer.steps_per_epoch,
+                    **(
+                        {"epoch": state.step * accumulation / mixer.steps_per_epoch}
+                        if mixer.steps_per_epoch
+                        else {}
+                    ),
                     "lr": _base_learning_rate(optimizer, optim.learning_rate),
                     **_group_learning_rates(optimizer),
                     **{key: reduced[key] for key in ("loss", "aux_loss", "mi_loss")},
@@ -643,12 +710,6 @@ def _group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"lr/{name}": rate for name, rate in rates.items()} if len(rates) > 1 else {}
 
 
-def _tracker(kind: str, output_dir: Path):
-    if kind == "csv":
-        return CSVTracker("tracker", output_dir / LOGS_DIR)
-    return kind
-
-
 def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {
         f"eval/{task}/{name}": value
@@ -658,9 +719,11 @@ def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
-def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int | None) -> dict[str, Any]:
     """Scalar hyper-parameters for the tracker (trackers accept only str, bool, int and float)."""
-    flat: dict[str, Any] = {"max_steps": max_steps, "steps_per_epoch": steps_per_epoch}
+    flat: dict[str, Any] = {"max_steps": max_steps}
+    if steps_per_epoch is not None:
+        flat["steps_per_epoch"] = steps_per_epoch
 
     def visit(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -684,12 +747,15 @@ def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) 
 __all__ = [
     "TrainResult",
     "TrainerState",
+    "build_accelerator",
     "build_mixer",
     "build_optimizer",
     "describe_groups",
     "evaluate_tasks",
     "parameter_digest",
+    "resolve_gradient_accumulation",
     "resolve_mixed_precision",
+    "steps_for_epochs",
     "train",
     "use_cpu",
 ]
