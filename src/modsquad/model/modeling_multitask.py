@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils.generic import can_return_tuple
 
 from . import (  # noqa: F401  (each registers its task head)
     head_classification,
@@ -46,13 +47,13 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
             classes[head.auto_class] = head.model_class
         return classes
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         task: str | int,
         labels=None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ):
         r"""
@@ -60,12 +61,16 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images of one task.
             task (`str` or `int`): the task of this batch (name or id).
             labels (*optional*): that task's targets, in the format of its head.
+            output_router_logits (`bool`, *optional*): also return the routing tensors and router losses (and add
+                `aux_loss` to `loss`); defaults to `config.output_router_logits`. The multi-task training step asks
+                for them.
+            output_hidden_states, output_attentions, return_dict: as for the single-task models.
 
         Returns:
             The output class of the task's type (e.g. [`ModSquadImageClassifierOutput`]).
         """
         head = self.heads[self.config.get_task(task)["name"]]
-        return run_task_head(self.modsquad, head, pixel_values, labels, output_hidden_states, return_dict)
+        return run_task_head(self.modsquad, head, pixel_values, labels, output_router_logits, **kwargs)
 
 
 __all__ = ["ModSquadForMultiTask"]

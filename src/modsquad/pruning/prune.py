@@ -305,8 +305,8 @@ def compare_pruned_outputs(
     try:
         for pixels in pixel_batches(data, pruned.config, task):
             pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
-            expected = full(pixel_values=pixels, task=task, return_dict=True)
-            got = pruned(pixel_values=pixels, return_dict=True)
+            expected = full(pixel_values=pixels, task=task, output_router_logits=True, return_dict=True)
+            got = pruned(pixel_values=pixels, output_router_logits=True, return_dict=True)
             for key, value in expected.items():
                 if key in ROUTING_FIELDS:
                     continue
