@@ -61,6 +61,7 @@ def register_auto_classes() -> None:
     if _registered:
         return
     import transformers
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
     from .model import modeling_multitask  # noqa: F401  (imports every head, which fills TASK_HEADS)
     from .model.configuration_modsquad import ModSquadConfig
@@ -75,6 +76,10 @@ def register_auto_classes() -> None:
     transformers.AutoImageProcessor.register(
         ModSquadConfig, image_processor_classes={"pil": ModSquadImageProcessor}, exist_ok=True
     )
+    # No video processor: declared, so that `AutoVideoProcessor` (which pipelines try on every model folder) answers
+    # "none" instead of guessing a remote `ModSquadVideoProcessor` from the image processor's auto_map and asking
+    # whether to run custom code. Taken from its module: the top-level name is a placeholder without torchvision.
+    AutoVideoProcessor.register(ModSquadConfig, video_processor_classes={}, exist_ok=True)
     _registered = True
 
 

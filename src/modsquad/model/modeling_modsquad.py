@@ -60,7 +60,7 @@ class ModSquadModelOutput(ModelOutput):
             (the others are `None`).
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             One tensor per block, the attention probabilities `(batch_size, num_heads, sequence_length,
-            sequence_length)`; needs `attn_implementation="eager"`. For a block of attention experts `num_heads` is
+            sequence_length)` (computed by eager attention for that call). For a block of attention experts `num_heads` is
             `attention_expert_heads * attention_experts_per_tok`: for each key/value head, the queries of the
             token's chosen experts in routing order.
         router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
@@ -196,16 +196,23 @@ class ModSquadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention output `(batch, seq, hidden)` and, with eager attention, its probabilities
-        `(batch, heads, seq, seq)` (`None` from kernels that do not form them, such as sdpa)."""
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output `(batch, seq, hidden)` and its probabilities `(batch, heads, seq, seq)`: computed by eager
+        attention when `output_attentions`, else by the configured kernel (`None` from those that do not form them,
+        such as sdpa)."""
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attention_fn = (
+            eager_attention_forward
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         )
         attn, weights = attention_fn(
             self,
@@ -285,10 +292,12 @@ class ModSquadBlock(GradientCheckpointingLayer):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, ModSquadSparseMLP)
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> torch.Tensor:
         # Attention probabilities and routing decisions are recorded from the submodules' outputs by the backbone's
         # `_can_record_outputs` hooks, so the block passes on only the hidden states.
-        attn, _ = self.attention(self.norm1(hidden_states), task_id)
+        attn, _ = self.attention(self.norm1(hidden_states), task_id, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.dropout(attn))
         mlp, _ = self.mlp(self.norm2(hidden_states), task_id)
         return hidden_states + self.drop_path(self.dropout(mlp))
@@ -535,20 +544,13 @@ class ModSquadModel(ModSquadPreTrainedModel):
                 `expert_indices`) and the router losses; defaults to `config.output_router_logits` (False).
             output_hidden_states (`bool` or `list[int]`, *optional*): return the embeddings and every block's output
                 (or only those listed); defaults to `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*): return every block's attention probabilities; needs
-                `attn_implementation="eager"`. Defaults to `config.output_attentions`.
+            output_attentions (`bool`, *optional*): return every block's attention probabilities (computed by eager
+                attention for this call whatever `attn_implementation` is: sdpa and the other kernels never form
+                them). Defaults to `config.output_attentions`.
             return_dict (`bool`, *optional*): return a [`ModSquadModelOutput`] rather than a tuple.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
-        if output_attentions and self.config._attn_implementation != "eager":
-            # The other kernels never form the probabilities; returning none of them would be a silent no.
-            raise ValueError(
-                f"output_attentions=True needs attn_implementation='eager', this model uses "
-                f"{self.config._attn_implementation!r}; load it with attn_implementation='eager' or call "
-                "model.set_attn_implementation('eager')"
-            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         task_id = self.config.task_index(task)
         # One flag for the three tensors each router call yields (`_can_record_outputs`).
@@ -579,9 +581,10 @@ class ModSquadModel(ModSquadPreTrainedModel):
     @capture_outputs(tie_last_hidden_states=False)
     def _encode(self, pixel_values: torch.Tensor, task_id: int, **kwargs) -> ModSquadModelOutput:
         # `hidden_states` are the blocks' outputs before the final LayerNorm (as in ViT), hence no tying.
+        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
         hidden_states = self.embeddings(pixel_values, task_id)
         for block in self.layers:
-            hidden_states = block(hidden_states, task_id)
+            hidden_states = block(hidden_states, task_id, output_attentions)
         sequence_output = self.layernorm(hidden_states)
         return ModSquadModelOutput(
             last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0], task_id=task_id

@@ -172,10 +172,13 @@ class ModSquadAttentionExperts(nn.Module):
         self.o_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, inner))
         self.o_proj_bias = nn.Parameter(torch.empty(num_experts, config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention output `(batch, seq, hidden)` and, with eager attention, its probabilities
-        `(batch, attention_expert_heads * top_k, seq, seq)` (kv-head-major: the `top_k` expert queries of each key/value
-        head in routing order); `None` from kernels that do not form them, such as sdpa."""
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output `(batch, seq, hidden)` and its probabilities `(batch, attention_expert_heads * top_k, seq,
+        seq)` (kv-head-major: the `top_k` expert queries of each key/value head in routing order): computed by eager
+        attention when `output_attentions`, else by the configured kernel (`None` from those that do not form them,
+        such as sdpa)."""
         batch, seq, hidden = hidden_states.shape
         heads, head_dim, k = self.num_heads, self.head_dim, self.top_k
         flat = hidden_states.reshape(-1, hidden)
@@ -194,8 +197,12 @@ class ModSquadAttentionExperts(nn.Module):
         )
         key = self.k_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, self._eager_attention_fn
+        attention_fn = (
+            self._eager_attention_fn
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, self._eager_attention_fn
+            )
         )
         attn, weights = attention_fn(
             self,
