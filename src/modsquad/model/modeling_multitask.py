@@ -16,6 +16,11 @@ from .configuration_modsquad import ModSquadConfig
 from .modeling_heads import build_task_head, run_task_head, task_head_class
 from .modeling_modsquad import ModSquadModel, ModSquadPreTrainedModel
 
+# The Auto class of the multi-task model: like `BertForPreTraining`, which holds the heads of every objective BERT is
+# trained on, it is the model trained with the objectives of all tasks. Registered with it when the package is
+# imported, and written in the `auto_map` of its checkpoints for `trust_remote_code=True` without the package.
+MULTITASK_AUTO_CLASS = "AutoModelForPreTraining"
+
 
 class ModSquadForMultiTask(ModSquadPreTrainedModel):
     """Mod-Squad backbone with the head of every task in `config.tasks`; each call runs one task's batch.
@@ -41,7 +46,9 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
         self.post_init()
 
     def _remote_code_classes(self) -> dict[str, type]:
-        classes = super()._remote_code_classes()
+        # Also reachable without the package: `AutoModelForPreTraining.from_pretrained(path, trust_remote_code=True)`
+        # (see `MULTITASK_AUTO_CLASS`).
+        classes = {**super()._remote_code_classes(), MULTITASK_AUTO_CLASS: ModSquadForMultiTask}
         for entry in self.config.tasks:
             head = task_head_class(entry["type"])
             classes[head.auto_class] = head.model_class
@@ -73,4 +80,4 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
         return run_task_head(self.modsquad, head, pixel_values, labels, output_router_logits, **kwargs)
 
 
-__all__ = ["ModSquadForMultiTask"]
+__all__ = ["MULTITASK_AUTO_CLASS", "ModSquadForMultiTask"]
