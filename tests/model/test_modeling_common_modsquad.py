@@ -14,7 +14,6 @@ from unittest import mock
 import torch
 from parameterized import parameterized
 from torch import nn
-from transformers_common import import_common
 
 from modsquad import (
     ModSquadConfig,
@@ -24,6 +23,7 @@ from modsquad import (
     ModSquadForSemanticSegmentation,
     ModSquadModel,
 )
+from transformers_common import import_common
 
 common = import_common("test_modeling_common")
 ModelTesterMixin, floats_tensor = common.ModelTesterMixin, common.floats_tensor

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 from transformers.utils.generic import can_return_tuple
 
-from . import (  # noqa: F401  (each registers its task head)
-    head_classification,
-    head_depth,
-    head_detection,
-    head_segmentation,
-)
 from .configuration_modsquad import ModSquadConfig
+
+# Each head module registers its task head. Imported as `from .module import name`: the form Transformers follows
+# when it copies remote code, so that these modules travel with a multi-task checkpoint.
+from .head_classification import ModSquadForImageClassification  # noqa: F401
+from .head_depth import ModSquadForDepthEstimation  # noqa: F401
+from .head_detection import ModSquadForObjectDetection  # noqa: F401
+from .head_segmentation import ModSquadForSemanticSegmentation  # noqa: F401
 from .modeling_heads import build_task_head, run_task_head, task_head_class
 from .modeling_modsquad import ModSquadModel, ModSquadPreTrainedModel
 
