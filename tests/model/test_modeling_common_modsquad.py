@@ -11,6 +11,7 @@ from __future__ import annotations
 import unittest
 from unittest import mock
 
+import pytest
 import torch
 from parameterized import parameterized
 from torch import nn
@@ -28,6 +29,9 @@ from transformers_common import import_common
 common = import_common("test_modeling_common")
 ModelTesterMixin, floats_tensor = common.ModelTesterMixin, common.floats_tensor
 # `parameterized` is in the dev extras; without it `import_common` has already skipped this module.
+
+# Some 400 upstream tests over five model classes, twice: minutes on a CPU, so with the slow tests.
+pytestmark = pytest.mark.slow
 
 HEAD_CLASSES = (
     ModSquadForImageClassification,
