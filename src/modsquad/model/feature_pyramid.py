@@ -12,6 +12,8 @@ initialises, so a head loaded from a checkpoint without it (e.g. a classificatio
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -75,6 +77,19 @@ def feature_norm(config: ModSquadConfig, layer: int) -> nn.Module:
     if layer == config.num_hidden_layers - 1:
         return nn.Identity()
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+def superseded_norm_patterns(model: nn.Module) -> set[str]:
+    """Weight-name patterns of the LayerNorms that dense heads of older checkpoints applied to the last block's tokens,
+    now read through the backbone's final LayerNorm (the `nn.Identity` entries of their `norms`): weights that such
+    checkpoints hold and today's models rightly leave unused."""
+    patterns = set()
+    for name, module in model.named_modules():
+        if name.endswith(".norms") and isinstance(module, nn.ModuleList):
+            for index, norm in enumerate(module):
+                if isinstance(norm, nn.Identity):
+                    patterns.add(rf"^{re.escape(name)}\.{index}\.")
+    return patterns
 
 
 class ModSquadChannelLayerNorm(nn.LayerNorm):
@@ -201,5 +216,6 @@ __all__ = [
     "feature_hidden_state_indices",
     "feature_norm",
     "pyramid_scales",
+    "superseded_norm_patterns",
     "tokens_to_grid",
 ]

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_modsquad import ModSquadConfig, _normalise_task
+from .feature_pyramid import superseded_norm_patterns
 from .modeling_modsquad import (
     ModSquadModel,
     ModSquadModelOutput,
@@ -36,8 +37,8 @@ class TaskHead(nn.Module, ABC):
     loads its single-task model), `pipeline_tag` (the Hub pipeline tag of its models), `metrics` (the evaluation
     metrics it is judged by, headline first, then the second one reports show) and, set when its single-task model
     class is defined, `model_class`. Dense heads set `hidden_state_indices`, the entries of the backbone's
-    `hidden_states` they read (see [`feature_pyramid.feature_hidden_state_indices`]). Subclasses implement `forward`, `loss` (the
-    task's own loss) and `build_output`.
+    `hidden_states` they read (see [`feature_pyramid.feature_hidden_state_indices`]). Subclasses implement
+    `forward`, `loss` (the task's own loss) and `build_output`.
 
     Args:
         config ([`ModSquadConfig`]): model configuration.
@@ -150,10 +151,14 @@ def served_task_entry(config: ModSquadConfig, name: str) -> dict:
 class ModSquadForTask(ModSquadPreTrainedModel):
     """Backbone plus the head of one task of the config; subclasses set `head_class`, which fixes the task type.
 
+    The model works on a copy of `config`, written for the task it serves (see [`served_task_entry`]): the task's
+    labels and `problem_type` at the top level, where pipelines and `Trainer` read them, and `head_task`, so that
+    what `save_pretrained` writes loads back into the same model. The caller's config is not changed.
+
     Args:
         config ([`ModSquadConfig`]): model configuration (may hold other tasks too: a multi-task checkpoint).
-        task (`str`, *optional*): the task to serve; needed only when the config has several tasks of this type.
-            `from_pretrained(path, task="seg")` passes it through.
+        task (`str`, *optional*): the task to serve; needed only when the config has several tasks of this type
+            and names none in `head_task`. `from_pretrained(path, task="seg")` passes it through.
     """
 
     head_class: type[TaskHead] | None = None
@@ -182,11 +187,16 @@ class ModSquadForTask(ModSquadPreTrainedModel):
         config.head_task = name
         super().__init__(config)
         self.task = name
-        # Heads of the other tasks of a multi-task checkpoint are expected leftovers, not loading problems.
-        self._keys_to_ignore_on_load_unexpected = [rf"^heads\.(?!{re.escape(self.task)}\.)"]
         self.modsquad = ModSquadModel(config)
         self.heads = nn.ModuleDict({self.task: build_task_head(config, entry)})
         self.post_init()
+        # Heads of the other tasks of a multi-task checkpoint are expected leftovers, not loading problems. Set after
+        # `post_init`, which adds the backbone's own pattern (`^heads\.`, for loading the backbone alone) unprefixed:
+        # it would hide every problem with this model's head weights.
+        self._keys_to_ignore_on_load_unexpected = {
+            rf"^heads\.(?!{re.escape(self.task)}\.)",
+            *superseded_norm_patterns(self),
+        }
 
     @property
     def head(self) -> TaskHead:

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_modsquad import ModSquadConfig
+from .feature_pyramid import superseded_norm_patterns
 
 # Each head module registers its task head. Imported as `from .module import name`: the form Transformers follows
 # when it copies remote code, so that these modules travel with a multi-task checkpoint.
@@ -45,6 +46,9 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
         self.modsquad = ModSquadModel(config)
         self.heads = nn.ModuleDict({entry["name"]: build_task_head(config, entry) for entry in config.tasks})
         self.post_init()
+        # `post_init` adds the backbone's pattern for loading it alone (`^heads\.`) unprefixed; here it would hide
+        # every problem with the heads' weights.
+        self._keys_to_ignore_on_load_unexpected = superseded_norm_patterns(self)
 
     def _remote_code_classes(self) -> dict[str, type]:
         # Also reachable without the package: `AutoModelForPreTraining.from_pretrained(path, trust_remote_code=True)`
