@@ -120,8 +120,8 @@ class ModSquadConfig(PreTrainedConfig):
             One entry per task, in task-id order. Keys: `name` (identifier), `type` (one of
             `"image-classification"`, `"semantic-segmentation"`, `"object-detection"`, `"depth-estimation"`), and for
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
-            (`"single_label_classification"`, `"multi_label_classification"` or `"regression"`); segmentation `ignore_index`
-            (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
+            (`"single_label_classification"`, `"multi_label_classification"` or `"regression"`); segmentation
+            `ignore_index` (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
             `routable_attention_experts`): an int or one int per MoE block, the number of leading experts the task
             may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
             them. Defaults to one 1000-class classification task named `"cls"`.
