@@ -211,6 +211,8 @@ class ModSquadForTask(ModSquadPreTrainedModel):
         pixel_values: torch.Tensor,
         labels=None,
         task: str | int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_router_logits: bool | None = None,
         **kwargs,
     ):
@@ -227,7 +229,16 @@ class ModSquadForTask(ModSquadPreTrainedModel):
         """
         if task is not None and self.config.get_task(task)["name"] != self.task:
             raise ValueError(f"this model serves task {self.task!r}, got task={task!r}")
-        return run_task_head(self.modsquad, self.head, pixel_values, labels, output_router_logits, **kwargs)
+        return run_task_head(
+            self.modsquad,
+            self.head,
+            pixel_values,
+            labels,
+            output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
 
 
 def run_task_head(
@@ -237,6 +248,7 @@ def run_task_head(
     labels,
     output_router_logits: bool | None = None,
     output_hidden_states: bool | int | list[int] | None = None,
+    output_attentions: bool | None = None,
     **kwargs,
 ) -> ModelOutput:
     """One task batch through backbone and head: predictions, loss when labels are given (plus the router losses with
@@ -246,6 +258,8 @@ def run_task_head(
         output_router_logits = config.output_router_logits
     if output_hidden_states is None:
         output_hidden_states = config.output_hidden_states
+    if output_attentions is not None:
+        kwargs["output_attentions"] = output_attentions
     backbone_output = backbone(
         pixel_values,
         task=head.task_name,

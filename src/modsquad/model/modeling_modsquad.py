@@ -530,6 +530,8 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         task: str | int = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -555,6 +557,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
         task_id = self.config.task_index(task)
         # One flag for the three tensors each router call yields (`_can_record_outputs`).
         routing = bool(output_router_logits)
+        # The other flags reach the recorder only when given, so that the config's defaults apply otherwise.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        kwargs.update({name: value for name, value in flags.items() if value is not None})
         output = self._encode(
             pixel_values,
             task_id,

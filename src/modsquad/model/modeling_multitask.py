@@ -65,6 +65,8 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
         pixel_values: torch.Tensor,
         task: str | int,
         labels=None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_router_logits: bool | None = None,
         **kwargs,
     ):
@@ -82,7 +84,16 @@ class ModSquadForMultiTask(ModSquadPreTrainedModel):
             The output class of the task's type (e.g. [`ModSquadImageClassifierOutput`]).
         """
         head = self.heads[self.config.get_task(task)["name"]]
-        return run_task_head(self.modsquad, head, pixel_values, labels, output_router_logits, **kwargs)
+        return run_task_head(
+            self.modsquad,
+            head,
+            pixel_values,
+            labels,
+            output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
 
 
 __all__ = ["MULTITASK_AUTO_CLASS", "ModSquadForMultiTask"]
