@@ -132,7 +132,7 @@ def test_output_shapes_square_and_non_square(height, width, stride, queries):
     model = ModSquadForObjectDetection(tiny_config([{**DET_TASK, "output_stride": stride}]))
     labels = _labels([(0, [0.3, 0.3, 0.2, 0.2]), (1, [0.7, 0.6, 0.3, 0.5])], [])
     labels[1] = {"class_labels": [], "boxes": []}  # an image without objects, as plain lists
-    out = model(torch.randn(2, 3, height, width), labels=labels)
+    out = model(torch.randn(2, 3, height, width), labels=labels, output_router_logits=True)
 
     assert isinstance(out, ModSquadObjectDetectionOutput)
     assert out.logits.shape == (2, queries, 2)
@@ -157,7 +157,7 @@ def test_loss_is_the_heads_own_not_detrs_hungarian_loss(monkeypatch):
     model = ModSquadForObjectDetection(tiny_config([DET_TASK], balance_loss_coef=0.1)).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = _labels([(1, [0.5, 0.5, 0.25, 0.25])], [(0, [0.25, 0.75, 0.5, 0.4])])
-    out = model(pixel_values, labels=labels, output_hidden_states=True)
+    out = model(pixel_values, labels=labels, output_hidden_states=True, output_router_logits=True)
     predictions = model.head(
         model.modsquad(pixel_values, task="det", output_hidden_states=True), pixel_values
     )

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-from modsquad import ModSquadForMultiTask, ModSquadImageProcessor
+from modsquad import ModSquadForMultiTask, ModSquadForSemanticSegmentation, ModSquadImageProcessor
 
 # Saved at commit 7610921 by the flat layout (see make_fixture.py beside it): every head type, attention experts, and
 # the detection neck's LayerNorms under their old names (`...upsample.0.1.norm.weight`).
@@ -58,6 +58,28 @@ def test_resaving_writes_todays_weight_names(tmp_path):
     with torch.no_grad():
         output = reloaded(expected["pixel_values"], task="det")
     assert torch.equal(output.logits, expected["det.logits"])
+
+
+def test_nothing_of_it_is_missing_or_unexpected():
+    # Its dense heads' own LayerNorms of the last block are superseded by the backbone's final LayerNorm: ignored by
+    # name, as nothing else may be.
+    for model_class in (ModSquadForMultiTask, ModSquadForSemanticSegmentation):
+        _, info = model_class.from_pretrained(FLAT_LAYOUT, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+def test_misnamed_head_weights_are_reported_not_ignored(tmp_path):
+    model = ModSquadForMultiTask.from_pretrained(FLAT_LAYOUT)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["heads.seg.classifer.weight"] = weights.pop(
+        "heads.seg.classifier.weight"
+    )  # a typo in a head's weight
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for model_class in (ModSquadForMultiTask, ModSquadForSemanticSegmentation):
+        _, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+        assert info["unexpected_keys"] == {"heads.seg.classifer.weight"}, model_class.__name__
+        assert info["missing_keys"] == {"heads.seg.classifier.weight"}, model_class.__name__
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ TASK_TYPES = (
     "object-detection",
     "depth-estimation",
 )
-CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
+CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 MOE_LAYER_PRESETS = ("all", "every_other")
 # Task types whose head predicts one of `num_labels` classes.
 LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
@@ -120,8 +120,8 @@ class ModSquadConfig(PreTrainedConfig):
             One entry per task, in task-id order. Keys: `name` (identifier), `type` (one of
             `"image-classification"`, `"semantic-segmentation"`, `"object-detection"`, `"depth-estimation"`), and for
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
-            (`"single_label_classification"` or `"multi_label_classification"`); segmentation `ignore_index`
-            (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
+            (`"single_label_classification"`, `"multi_label_classification"` or `"regression"`); segmentation
+            `ignore_index` (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
             `routable_attention_experts`): an int or one int per MoE block, the number of leading experts the task
             may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
             them. Defaults to one 1000-class classification task named `"cls"`.
@@ -168,6 +168,17 @@ class ModSquadConfig(PreTrainedConfig):
         pruned_attention_experts (`list[list[int]]`, *optional*): The same for the attention experts.
         pruned_from (`dict`, *optional*): Set by [`prune_for_task`]: the unpruned model this one was cut from:
             `name_or_path`, its `tasks` (names), `num_experts` / `attention_num_experts` and `num_parameters`.
+        output_router_logits (`bool`, *optional*, defaults to `False`): Whether models return the routing tensors
+            (`router_logits`, `router_probs`, `expert_indices`) and the per-batch router losses, which the heads
+            then add to their loss; as in Transformers' MoE models, turn it on (or pass it to `forward`) to train
+            with the auxiliary losses.
+        head_task (`str`, *optional*): Set by a single-task model (`ModSquadFor<Type>`) on its own config: the task
+            it serves, so that its checkpoint loads back into the same model when the config has several tasks of
+            that type. The top-level `id2label` / `num_labels` / `problem_type` describe this task.
+
+    Top-level `id2label` (`num_labels`) and `problem_type` are the labels of the task a single-task model serves:
+    mirrored from the config's only labelled task, or set by the caller to relabel it
+    (`ModSquadForImageClassification(config)` after `config.num_labels = 5`), as for any Transformers model.
 
     Example:
 
@@ -182,6 +193,9 @@ class ModSquadConfig(PreTrainedConfig):
     ```"""
 
     model_type = "modsquad"
+    # Routing state rather than predictions: `transformers.Trainer` leaves these out of `predict` / `evaluate` outputs
+    # even when a config asks for them (`output_router_logits=True`), so `compute_metrics` sees only the logits.
+    keys_to_ignore_at_inference = ["aux_loss", "router_logits", "router_probs", "expert_indices"]
 
     tasks: list | None = None
     hidden_size: int = 384
@@ -216,6 +230,8 @@ class ModSquadConfig(PreTrainedConfig):
     pruned_experts: list[list[int]] | None = None
     pruned_attention_experts: list[list[int]] | None = None
     pruned_from: dict | None = None
+    output_router_logits: bool = False
+    head_task: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.tasks is None:
@@ -225,6 +241,10 @@ class ModSquadConfig(PreTrainedConfig):
         self._validate_moe()
         self._validate_routable_experts()
         self._validate_pruning()
+        if self.head_task is not None and self.head_task not in self.task_names:
+            raise ValueError(
+                f"head_task={self.head_task!r} is not a task of this config; its tasks are {self.task_names}"
+            )
         if self.intermediate_size is None:
             self.intermediate_size = self.num_experts_per_tok * self.expert_intermediate_size
         if self.feature_layers is None:
@@ -236,12 +256,19 @@ class ModSquadConfig(PreTrainedConfig):
             )
         # A config with a single labelled task exposes its labels at the top level, where pipelines read them.
         labelled = [t for t in self.tasks if "id2label" in t]
-        if len(labelled) == 1 and self.id2label is None and "num_labels" not in kwargs:
+        given_labels = self.id2label is not None or kwargs.get("num_labels") is not None
+        if len(labelled) == 1 and not given_labels:
             self.id2label = dict(labelled[0]["id2label"])
             self.label2id = dict(labelled[0]["label2id"])
         if len(labelled) == 1 and labelled[0]["type"] == "image-classification" and self.problem_type is None:
             self.problem_type = labelled[0]["problem_type"]
         super().__post_init__(**kwargs)
+        if len(labelled) != 1 and not given_labels:
+            # Top-level labels are those of the task a single-task model serves (see the class docstring); with no
+            # single labelled task there are none, rather than the base class's two placeholder labels, which a
+            # head built from this config would otherwise take for the caller's.
+            self.id2label = None
+            self.label2id = None
 
     # ----------------------------------------------------------------------------------------------- validation
     def _validate_shape(self) -> None:
@@ -497,13 +524,26 @@ class ModSquadConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
-        """As [`PreTrainedConfig.from_dict`]; `id2label` / `label2id` / `num_labels` keyword arguments relabel the
-        config's single labelled task, so that the usual way to put a new head on a checkpoint works:
-        `AutoModelForImageClassification.from_pretrained(path, id2label=..., label2id=..., ignore_mismatched_sizes=True)`.
+        """As [`PreTrainedConfig.from_dict`], for the usual ways to put a new head on a checkpoint:
+
+        - `id2label` / `label2id` / `num_labels` / `problem_type` keyword arguments relabel the config's only labelled
+          task; with several they stay top-level, where the single-task model built from the config applies them to
+          the task it serves: `ModSquadForImageClassification.from_pretrained(path, num_labels=42,
+          ignore_mismatched_sizes=True)`.
+        - `tasks=[...]` replaces the task entries, checked and completed as by the constructor (the top-level labels,
+          derived from the old entries, are derived again).
         """
-        relabel = {key: kwargs.pop(key) for key in ("id2label", "label2id", "num_labels") if key in kwargs}
-        if relabel:
+        config_dict = dict(config_dict)
+        if "tasks" in kwargs:
+            config_dict = {k: v for k, v in config_dict.items() if k not in _TOP_LEVEL_LABEL_KEYS}
+            config_dict["tasks"] = kwargs.pop("tasks")
+            if config_dict.get("head_task") not in [t.get("name") for t in config_dict["tasks"] or []]:
+                config_dict.pop("head_task", None)
+        relabel = {key: kwargs.pop(key) for key in _TOP_LEVEL_LABEL_KEYS if key in kwargs}
+        if relabel and len(_labelled_positions(config_dict.get("tasks"))) == 1:
             config_dict = _relabel_single_task(config_dict, relabel)
+        else:
+            kwargs.update(relabel)
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -516,35 +556,41 @@ class ModSquadConfig(PreTrainedConfig):
         return output
 
 
-def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` with its only labelled task's labels replaced by `relabel` (`id2label` and/or `num_labels`)."""
-    tasks = config_dict.get("tasks") or []
-    labelled = [
-        i for i, t in enumerate(tasks) if isinstance(t, dict) and t.get("type") in LABELLED_TASK_TYPES
+# Top-level fields that describe the labels of the task a single-task model serves.
+_TOP_LEVEL_LABEL_KEYS = ("id2label", "label2id", "num_labels", "problem_type")
+
+
+def _labelled_positions(tasks: Any) -> list[int]:
+    return [
+        i for i, t in enumerate(tasks or []) if isinstance(t, dict) and t.get("type") in LABELLED_TASK_TYPES
     ]
-    if len(labelled) != 1:
-        names = [tasks[i].get("name") for i in labelled]
-        raise ValueError(
-            f"{sorted(relabel)} relabel a single labelled task, but this config has {len(labelled)} ({names}); "
-            "give the labels per task in `tasks` instead"
-        )
-    task = {
-        k: v
-        for k, v in tasks[labelled[0]].items()
-        if k not in ("labels", "id2label", "label2id", "num_labels")
-    }
-    if relabel.get("id2label") is not None:
-        task["id2label"] = relabel["id2label"]
+
+
+def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with its only labelled task's labels (`id2label` and/or `num_labels`) and, for classification,
+    `problem_type` replaced by `relabel`."""
+    tasks = config_dict["tasks"]
+    position = _labelled_positions(tasks)[0]
+    task = dict(tasks[position])
+    if relabel.get("id2label") is not None or relabel.get("num_labels") is not None:
+        task = {k: v for k, v in task.items() if k not in ("labels", "id2label", "label2id", "num_labels")}
+        if relabel.get("id2label") is not None:
+            task["id2label"] = relabel["id2label"]
         if relabel.get("num_labels") is not None:
             task["num_labels"] = relabel["num_labels"]
-    elif relabel.get("num_labels") is not None:
-        task["num_labels"] = relabel["num_labels"]
-    else:
+    elif relabel.get("label2id") is not None:
         raise ValueError("label2id alone cannot relabel a task: give id2label (or num_labels) too")
+    if relabel.get("problem_type") is not None:
+        if task["type"] != "image-classification":
+            raise ValueError(
+                f"problem_type={relabel['problem_type']!r} applies to image-classification tasks; task "
+                f"{task.get('name')!r} is a {task['type']} task"
+            )
+        task["problem_type"] = relabel["problem_type"]
     new_tasks = list(tasks)
-    new_tasks[labelled[0]] = task
+    new_tasks[position] = task
     # The top-level labels mirror the task's (see `__post_init__`): drop the old ones so they are derived again.
-    dropped = ("id2label", "label2id", "num_labels", "tasks")
+    dropped = (*_TOP_LEVEL_LABEL_KEYS, "tasks")
     return {**{k: v for k, v in config_dict.items() if k not in dropped}, "tasks": new_tasks}
 
 

@@ -169,14 +169,6 @@ class ModSquadImageProcessor(PilBackend):
         [`processing_dense.post_process_depth_estimation`]."""
         return post_process_depth_estimation(outputs, target_sizes=target_sizes)
 
-    def to_dict(self) -> dict:
-        # Resolved through the model config's `model_type` (and its auto_map for remote code) instead of an
-        # `image_processor_type`: from that name Transformers also guesses a remote video processor that does not
-        # exist and asks users whether to run custom code, every time a pipeline loads.
-        output = super().to_dict()
-        output.pop("image_processor_type", None)
-        return output
-
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         check_image(image)
         return super().process_image(
@@ -205,6 +197,12 @@ def load_image_input(image):
     return load_image(
         path
     )  # applies the EXIF orientation and converts to RGB, as Transformers' processors do
+
+
+# Saved as remote code with its own `auto_map` (and the modules it imports), so that a processor saved on its own
+# loads with `AutoImageProcessor` where the package is not installed (`trust_remote_code=True`); where it is, the
+# `image_processor_type` written beside it resolves to this class and nothing prompts.
+ModSquadImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
 def checked_images(images) -> list:

@@ -10,7 +10,7 @@ This file is also shipped as remote code next to checkpoints: it imports only to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,21 +23,22 @@ from .sorted_mm import ExpertDispatch, attention_experts_kernel, expert_linear
 
 
 # ------------------------------------------------------------------------------------------------- routers
-@dataclass
-class RouterOutput:
-    """What one router decided for a batch of tokens.
+class RouterOutput(NamedTuple):
+    """What one router decided for a batch of tokens. A tuple, so that the backbone's output recorders pick its fields
+    by position (`router_logits` 0, `router_probs` 1, `expert_indices` 2), as for Qwen3-MoE's routers.
 
     Attributes:
         logits: `(tokens, num_experts)` clean router logits (z-loss, statistics).
         probs: `(tokens, num_experts)` softmax of the clean logits.
         top_k_index: `(tokens, top_k)` chosen experts.
-        top_k_weights: `(tokens, top_k)` mixing weights of the chosen experts.
+        top_k_weights: `(tokens, top_k)` mixing weights of the chosen experts (not recorded in model outputs, so
+            `None` in the routings rebuilt from them; the auxiliary losses do not read it).
     """
 
     logits: torch.Tensor
     probs: torch.Tensor
     top_k_index: torch.Tensor
-    top_k_weights: torch.Tensor
+    top_k_weights: torch.Tensor | None
 
 
 class ModSquadTaskRouter(nn.Module):
@@ -171,7 +172,13 @@ class ModSquadAttentionExperts(nn.Module):
         self.o_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, inner))
         self.o_proj_bias = nn.Parameter(torch.empty(num_experts, config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output `(batch, seq, hidden)` and its probabilities `(batch, attention_expert_heads * top_k, seq,
+        seq)` (kv-head-major: the `top_k` expert queries of each key/value head in routing order): computed by eager
+        attention when `output_attentions`, else by the configured kernel (`None` from those that do not form them,
+        such as sdpa)."""
         batch, seq, hidden = hidden_states.shape
         heads, head_dim, k = self.num_heads, self.head_dim, self.top_k
         flat = hidden_states.reshape(-1, hidden)
@@ -192,10 +199,14 @@ class ModSquadAttentionExperts(nn.Module):
         )
         key = self.k_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, self._eager_attention_fn
+        attention_fn = (
+            self._eager_attention_fn
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, self._eager_attention_fn
+            )
         )
-        attn, _ = attention_fn(
+        attn, weights = attention_fn(
             self,
             q,
             key,
@@ -214,7 +225,7 @@ class ModSquadAttentionExperts(nn.Module):
         )
         y = y * routing.top_k_weights.reshape(-1).index_select(0, dispatch.order).unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, dispatch.token_of_slot, y.to(flat.dtype))
-        return out.view(batch, seq, hidden), routing
+        return out.view(batch, seq, hidden), weights
 
 
 # --------------------------------------------------------------------------------------- auxiliary losses

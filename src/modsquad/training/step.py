@@ -26,8 +26,8 @@ class RoutingStatistics:
 
     The mutual-information loss is a function of this joint distribution, so it is only meaningful once several
     tasks have been seen: with a single task it is identically zero. The training loop calls `reset()` at the start
-    of each step, `update(task_id, outputs.router_probs)` after each task batch's forward, `all_reduce()` when
-    several processes train together, then adds `config.mi_loss_coef * stats.mutual_information_loss()` to the
+    of each step, `update(task_id, outputs.router_probs)` after each task batch's forward (run with
+    `output_router_logits=True`), `all_reduce()` when several processes train together, then adds `config.mi_loss_coef * stats.mutual_information_loss()` to the
     loss before the step's backward. Gradients flow into every batch's router probabilities that took part.
 
     Args:
@@ -55,6 +55,8 @@ class RoutingStatistics:
             raise ValueError(f"task_id={task_id} is out of range for {self.num_tasks} tasks")
         if self._reduced:
             raise RuntimeError("RoutingStatistics were already all-reduced for this step; call reset() first")
+        if router_probs is None:
+            raise ValueError("router_probs is None: run the model with output_router_logits=True to get them")
         if not router_probs:
             raise ValueError("router_probs is empty: the model has no MoE blocks to take statistics from")
         sums = [p.float().sum(dim=0) for p in router_probs]
@@ -232,7 +234,13 @@ class MultiTaskStep(nn.Module):
                 raise ValueError(
                     f"task {task!r}: a batch needs 'pixel_values' and 'labels', got keys {sorted(batch)}"
                 )
-            out = self.model(pixel_values=batch["pixel_values"], task=task_id, labels=batch["labels"])
+            # The routing tensors (and the aux loss inside `loss`) are asked for explicitly: they are off by default.
+            out = self.model(
+                pixel_values=batch["pixel_values"],
+                task=task_id,
+                labels=batch["labels"],
+                output_router_logits=True,
+            )
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
             # The head's loss already includes the batch's aux loss; weight only the task part.
             task_loss = out.loss - aux
