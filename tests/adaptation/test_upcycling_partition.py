@@ -90,7 +90,7 @@ def test_partition_upcycled_model_reproduces_the_dense_blocks(make_dense, all_ta
     model = partitioned(dense, all_tasks[:2], moe_layers="every_other")
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        output = model(pixel_values, task=1, output_hidden_states=True)
+        output = model(pixel_values, task=1, output_hidden_states=True, output_router_logits=True)
         states = [output.hidden_states[0]]
         for block in dense_blocks(dense):
             states.append(block(states[-1]))

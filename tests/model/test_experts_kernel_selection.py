@@ -75,7 +75,7 @@ def test_auto_on_an_accelerator_runs_forward_and_backward_without_reading_a_valu
     )
     pixel_values = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16)
 
-    out = model(pixel_values)
+    out = model(pixel_values, output_router_logits=True)
     (out.logits.float().sum() + out.aux_loss).backward()
 
     assert out.logits.shape == (2, 3) and out.logits.device.type == "meta"

@@ -17,8 +17,9 @@ VARIANTS = {"mlp_experts": {}, "attention_experts": {"moe_attention": True}}
 
 
 def _model(tiny_config, **overrides) -> ModSquadForImageClassification:
-    """A tiny classifier whose routers spread tokens over experts (zero routers send every token to the same ones)."""
-    model = ModSquadForImageClassification(tiny_config(**overrides))
+    """A tiny classifier whose routers spread tokens over experts (zero routers send every token to the same ones),
+    returning its routing (`output_router_logits`) so that the tests can compare it."""
+    model = ModSquadForImageClassification(tiny_config(output_router_logits=True, **overrides))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, ModSquadTaskRouter):
