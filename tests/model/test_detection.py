@@ -279,6 +279,24 @@ def test_post_process_threshold_sizes_top_k_and_nms():
     torch.testing.assert_close(same["boxes"], found["boxes"])
 
 
+def test_post_process_keeps_heatmap_peaks_only():
+    # a 1 x 4 map, one class: cells 0 and 1 belong to one object (1 is its peak), cell 3 is a weaker second object
+    heatmap = torch.logit(torch.tensor([0.6, 0.9, 0.2, 0.5])).view(1, 1, 1, 4)
+    boxes = torch.tensor([[[0.125, 0.5, 0.25, 1.0], [0.375, 0.5, 0.25, 1.0], [0.625, 0.5, 0.25, 1.0],
+                           [0.875, 0.5, 0.25, 1.0]]])  # fmt: skip
+    outputs = ModSquadObjectDetectionOutput(
+        logits=heatmap.flatten(2).transpose(1, 2), pred_boxes=boxes, heatmap=heatmap
+    )
+    (peaks,) = post_process_object_detection(outputs, threshold=0.0, top_k=2, nms_threshold=None)
+    torch.testing.assert_close(peaks["scores"], torch.tensor([0.9, 0.5]))
+    (cells,) = post_process_object_detection(
+        outputs, threshold=0.0, top_k=2, nms_threshold=None, peak_kernel=None
+    )
+    torch.testing.assert_close(cells["scores"], torch.tensor([0.9, 0.6]))
+    with pytest.raises(ValueError, match="peak_kernel must be an odd positive int or None, got 2"):
+        post_process_object_detection(outputs, peak_kernel=2)
+
+
 def test_post_process_rejects_bad_arguments():
     outputs = _outputs([[0.9, 0.1]], [[0.5, 0.5, 0.2, 0.2]])
     with pytest.raises(

@@ -322,7 +322,7 @@ class ModSquadConfig(PreTrainedConfig):
         for task in self.tasks:
             if task["type"] == "object-detection" and self.patch_size % task_option(task, "output_stride"):
                 raise ValueError(
-                    f"task {task['name']!r}: output_stride={task['output_stride']} must divide patch_size="
+                    f"task {task['name']!r}: output_stride={task_option(task, 'output_stride')} must divide patch_size="
                     f"{self.patch_size}; accepted strides are "
                     f"{[s for s in range(1, self.patch_size + 1) if self.patch_size % s == 0]}"
                 )

@@ -50,6 +50,9 @@ class ModSquadObjectDetectionOutput(ModelOutput):
         attentions (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
         aux_loss (`torch.FloatTensor`): the backbone's per-batch auxiliary router loss (already in `loss`).
         router_logits, router_probs, expert_indices: see [`ModSquadModelOutput`].
+        heatmap (`torch.FloatTensor` of shape `(batch_size, num_labels, map_height, map_width)`): the same centre
+            logits as `logits`, laid out on the output map, so that post-processing can keep only the local maxima
+            of each class's heatmap (CenterNet's peak extraction).
     """
 
     loss: torch.FloatTensor | None = None
@@ -62,6 +65,8 @@ class ModSquadObjectDetectionOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_probs: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
+    # Last, so that the tuple positions of the fields above stay what they were.
+    heatmap: torch.FloatTensor | None = None
 
 
 class DetectionNeck(nn.Module):
@@ -195,6 +200,7 @@ class ModSquadObjectDetectionHead(TaskHead):
             hidden_states=backbone_output.hidden_states,
             attentions=backbone_output.attentions,
             **routing_fields(backbone_output),
+            heatmap=predictions["heatmap"],
         )
 
 

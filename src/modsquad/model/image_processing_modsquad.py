@@ -145,12 +145,18 @@ class ModSquadImageProcessor(PilBackend):
         target_sizes=None,
         top_k: int = 100,
         nms_threshold: float | None = 0.5,
+        peak_kernel: int | None = 3,
     ) -> list[dict]:
         """Detection model outputs -> per image `scores`, `labels` and `(x_min, y_min, x_max, y_max)` `boxes` in
         pixels of `target_sizes` (`(height, width)` per image), or normalised without them; what the
         object-detection pipeline calls. See [`processing_detection.post_process_object_detection`]."""
         return post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=target_sizes, top_k=top_k, nms_threshold=nms_threshold
+            outputs,
+            threshold=threshold,
+            target_sizes=target_sizes,
+            top_k=top_k,
+            nms_threshold=nms_threshold,
+            peak_kernel=peak_kernel,
         )
 
     def post_process_semantic_segmentation(

@@ -126,12 +126,22 @@ def _class_id(value: Any) -> int | None:
     return as_int if as_int == value else None
 
 
+def heatmap_peak_logits(heatmap: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """`(batch, num_labels, h, w)` heatmap logits -> `(batch, h * w, num_labels)` logits in which every cell that
+    is not the maximum of its `kernel x kernel` neighbourhood (per class) is `-inf` (never a detection)."""
+    heatmap = heatmap.detach().float()
+    pooled = torch.nn.functional.max_pool2d(heatmap, kernel, stride=1, padding=kernel // 2)
+    peaks = heatmap.masked_fill(heatmap < pooled, float("-inf"))
+    return peaks.flatten(2).transpose(1, 2)
+
+
 def post_process_object_detection(
     outputs,
     threshold: float = 0.5,
     target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
     top_k: int = 100,
     nms_threshold: float | None = 0.5,
+    peak_kernel: int | None = 3,
 ) -> list[dict[str, torch.Tensor]]:
     """Model outputs -> scored, labelled boxes per image, as Transformers' DETR-family processors return them.
 
@@ -148,6 +158,11 @@ def post_process_object_detection(
         top_k (`int`, *optional*, defaults to 100): most detections kept per image.
         nms_threshold (`float`, *optional*, defaults to 0.5): IoU above which a lower-scoring box of the same
             class is dropped; `None` keeps every box.
+        peak_kernel (`int`, *optional*, defaults to 3): when `outputs` has a `heatmap` (the class logits on the
+            output map, as [`ModSquadForObjectDetection`] returns them), only cells that are the maximum of their
+            `peak_kernel x peak_kernel` neighbourhood in a class's heatmap are candidates (CenterNet's peak
+            extraction). Without it, the cells around one strong object fill most of the `top_k` slots before NMS
+            and the other objects get none (on COCO this cut mAP@50 by about 2.5x). `None` or 1 turns it off.
 
     Returns:
         `list[dict]`, one per image, best score first: `scores` (`(k,)`), `labels` (`(k,)` class ids) and `boxes`
@@ -163,6 +178,17 @@ def post_process_object_detection(
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if nms_threshold is not None and not 0 <= nms_threshold <= 1:
         raise ValueError(f"nms_threshold must be in [0, 1] or None, got {nms_threshold!r}")
+    if peak_kernel is not None and (
+        isinstance(peak_kernel, bool) or not isinstance(peak_kernel, int) or peak_kernel < 1 or peak_kernel % 2 == 0
+    ):
+        raise ValueError(f"peak_kernel must be an odd positive int or None, got {peak_kernel!r}")
+    heatmap = outputs.get("heatmap") if hasattr(outputs, "get") else None
+    if peak_kernel is not None and peak_kernel > 1 and heatmap is not None:
+        logits = heatmap_peak_logits(heatmap, peak_kernel)
+        if logits.shape != pred_boxes.shape[:2] + logits.shape[-1:]:
+            raise ValueError(
+                f"heatmap {tuple(heatmap.shape)} does not match pred_boxes {tuple(pred_boxes.shape)}"
+            )
     batch, _, num_labels = logits.shape
     scale = None
     if target_sizes is not None:
