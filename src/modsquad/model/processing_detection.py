@@ -179,7 +179,10 @@ def post_process_object_detection(
     if nms_threshold is not None and not 0 <= nms_threshold <= 1:
         raise ValueError(f"nms_threshold must be in [0, 1] or None, got {nms_threshold!r}")
     if peak_kernel is not None and (
-        isinstance(peak_kernel, bool) or not isinstance(peak_kernel, int) or peak_kernel < 1 or peak_kernel % 2 == 0
+        isinstance(peak_kernel, bool)
+        or not isinstance(peak_kernel, int)
+        or peak_kernel < 1
+        or peak_kernel % 2 == 0
     ):
         raise ValueError(f"peak_kernel must be an odd positive int or None, got {peak_kernel!r}")
     heatmap = outputs.get("heatmap") if hasattr(outputs, "get") else None
