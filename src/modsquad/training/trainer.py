@@ -48,11 +48,15 @@ from ..run_folder import (
     TRAINING_LOG,
 )
 from .checkpointing import (
-    COMPLETE_MARKER,
+    CheckpointedState,
     StopOnSignal,
+    check_run_folder,
     checkpoint_path,
+    clear_run,
+    load_checkpoint,
     prune_checkpoints,
-    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
 )
 from .recipe import TrainingRecipe
 from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
@@ -367,19 +371,35 @@ def train(
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
-    accelerator.register_for_checkpointing(scheduler, mixer, state)
+    # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
+    # objects here to checkpoint them too.
+    loop_state = CheckpointedState()
+    loop_state.register("trainer_state", state)
+    loop_state.register("lr_scheduler", scheduler)
+    loop_state.register("mixer", mixer)
 
     log_path = output_dir / TRAINING_LOG
-    resume_from = resolve_resume(recipe.resume, output_dir)
+    # Every process decides from the folder as it is, before anything is written to it.
+    resume_from = check_run_folder(output_dir, recipe.resume, recipe.overwrite)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        verify_checkpoint(resume_from, accelerator.num_processes, recipe.to_dict(), log=accelerator.print)
+    accelerator.wait_for_everyone()
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, loop_state)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
+        if recipe.overwrite:
+            removed = clear_run(output_dir)
+            if removed:
+                accelerator.print(
+                    f"--overwrite: deleted the earlier run's {', '.join(p.name for p in removed)}"
+                )
         output_dir.mkdir(parents=True, exist_ok=True)
         recipe.to_yaml(output_dir / RECIPE_FILE)
         # Steps after the checkpoint are trained again: forget what the interrupted run logged for them.
         kept = _read_history(log_path, state.step)
         log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    accelerator.wait_for_everyone()
     if loop.tracker != "none":
         accelerator.init_trackers("tracker", config=_flat_hparams(recipe, max_steps, mixer.steps_per_epoch))
         for tracker in accelerator.trackers:
@@ -392,12 +412,16 @@ def train(
     task_names = model.config.task_names
     coef = model.config.mi_loss_coef
 
-    def save_checkpoint() -> Path:
-        folder = checkpoint_path(output_dir, state.step)
-        accelerator.save_state(str(folder))
-        accelerator.wait_for_everyone()
+    def checkpoint() -> Path:
+        folder = save_checkpoint(
+            accelerator,
+            checkpoint_path(output_dir, state.step),
+            loop_state,
+            step=state.step,
+            max_steps=max_steps,
+            recipe=recipe.to_dict(),
+        )
         if accelerator.is_main_process:
-            (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.step, "max_steps": max_steps}))
             prune_checkpoints(output_dir, loop.keep_last)
         accelerator.wait_for_everyone()
         return folder
@@ -464,7 +488,7 @@ def train(
                     accelerator.log(_flat_metrics(metrics), step=state.step)
                 accelerator.wait_for_everyone()
             if stop_everywhere or (loop.save_every and state.step % loop.save_every == 0):
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = checkpoint()
             if stop_everywhere:
                 progress.close()
                 accelerator.print(
@@ -478,7 +502,7 @@ def train(
     progress.close()
 
     if loop.save_every and state.step % loop.save_every:
-        last_checkpoint = save_checkpoint()
+        last_checkpoint = checkpoint()
     final_dir = None
     unwrapped = accelerator.unwrap_model(step_module)
     # Data-parallel replicas must end bit-identical; checking costs one hash per process and catches silent desyncs.
