@@ -197,8 +197,12 @@ def test_a_rewritten_manifest_cannot_smuggle_a_pickle_in(finished_run, tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"state": Payload(marker)}, folder / "optimizer.bin")
     manifest = json.loads((folder / "checkpoint_complete.json").read_text())
-    checkpointing.write_manifest(folder, **{k: v for k, v in manifest.items() if k not in ("format", "files")})
-    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*step_00000003.*(Unpickl|weights_only)"):
+    checkpointing.write_manifest(
+        folder, **{k: v for k, v in manifest.items() if k not in ("format", "files")}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"cannot load checkpoint .*step_00000003.*(Unpickl|weights_only)"
+    ):
         run(tmp_path / "run", resume="latest")
     assert not marker.exists()
 
@@ -246,7 +250,9 @@ def test_a_checkpoint_of_an_older_layout_is_refused(finished_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- recipe on resume
-def test_resume_refuses_recipe_changes_the_checkpoint_fixes_and_honours_the_rest(finished_run, tmp_path, capsys):
+def test_resume_refuses_recipe_changes_the_checkpoint_fixes_and_honours_the_rest(
+    finished_run, tmp_path, capsys
+):
     run_dir = copy_run(finished_run, tmp_path / "run")
     with pytest.raises(CheckpointError) as error:
         run(run_dir, resume="latest", optimization={"learning_rate": 0.5, "weight_decay": 0.0}, seed=1)
