@@ -10,7 +10,7 @@ import datasets
 import torch
 
 from ..data.schemas import TaskSchema, image_size, task_schema
-from ..model.image_processing_modsquad import ModSquadImageProcessor
+from ..model.image_processing_modsquad import ModSquadImageProcessor, check_image
 from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
 
 
@@ -41,7 +41,7 @@ def task_metric(
     if task_type == "semantic-segmentation":
         return MeanIoU(num_labels=task["num_labels"], ignore_index=task.get("ignore_index", 255))
     if task_type == "object-detection":
-        return MeanAveragePrecision()
+        return MeanAveragePrecision(num_labels=task["num_labels"])
     if task_type == "depth-estimation":
         return DepthError(min_depth=min_depth, max_depth=max_depth)
     raise ValueError(f"no metric for task type {task_type!r}")
@@ -159,9 +159,26 @@ def evaluate_model(
     parameter = next(model.parameters())
     task_kwargs = {"task": task_name} if pass_task else {}
     try:
-        for batch in dataset.iter(batch_size=batch_size):
+        start = 0
+        batches = iter(dataset.iter(batch_size=batch_size))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as error:  # a corrupt image file fails while the batch is decoded
+                raise ValueError(
+                    f"rows {start}..{start + batch_size - 1} of the evaluation data cannot be read: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             images = schema.images(batch)
-            references = schema.references(batch)
+            references = schema.references(batch, start)
+            for offset, image in enumerate(images):
+                try:
+                    check_image(image)
+                except ValueError as error:
+                    raise ValueError(f"row {start + offset}: {error}") from error
+            start += len(images)
             sizes = [tuple(image_size(image)) for image in images]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
@@ -195,6 +212,13 @@ def _schema(
         options["reduce_labels"] = reduce_labels
     if task_type == "semantic-segmentation":
         options["ignore_index"] = entry.get("ignore_index", 255)
+        if reduce_labels is None and "reduce_labels" in entry:
+            options["reduce_labels"] = entry["reduce_labels"]
+    if task_type == "object-detection" and bbox_format is None and "bbox_format" in entry:
+        options["bbox_format"] = entry["bbox_format"]
+    if task_type == "depth-estimation" and entry.get("depth_scale") is not None:
+        # The unit the model was trained in (see `DepthSchema`): references are read the same way.
+        options["depth_scale"] = entry["depth_scale"]
     return task_schema(task_type, columns, **options)
 
 

@@ -164,14 +164,22 @@ def class_names(dataset: Any, task_type: str, columns: dict[str, str] | None = N
 
 
 def make_train_loader(
-    dataset: Any, adapter: TaskDataAdapter, batch_size: int, num_workers: int, seed: int, task_index: int
+    dataset: Any,
+    adapter: TaskDataAdapter,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    task_index: int,
+    skip_bad_rows: bool = False,
 ):
     """The `make_loader(rows, epoch)` of a [`TaskStream`]: a DataLoader over the adapted rows `rows`, in order.
 
     Each row's augmentation is seeded by `(epoch seed, row index)` (what `AdaptedDataset` does with a `(row, seed)`
     key), never by its position in the loader, so a run resumed mid-epoch augments exactly as the uninterrupted one.
+    With `skip_bad_rows`, a row that cannot be used is replaced by the next good one and reported in the batch's
+    `skipped_rows` (the trainer counts them against `training.max_bad_rows`).
     """
-    adapted = AdaptedDataset(dataset, adapter)
+    adapted = AdaptedDataset(dataset, adapter, skip_bad_rows=skip_bad_rows)
 
     def make_loader(rows: list[int], epoch: int) -> Iterable:
         seed_of_epoch = epoch_seed(seed, task_index, epoch)
@@ -210,7 +218,13 @@ def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tup
                 name=task.name,
                 train_dataset=train,
                 make_loader=make_train_loader(
-                    train, adapter, task.batch_size, recipe.training.num_workers, recipe.seed, index
+                    train,
+                    adapter,
+                    task.batch_size,
+                    recipe.training.num_workers,
+                    recipe.seed,
+                    index,
+                    skip_bad_rows=recipe.training.max_bad_rows > 0,
                 ),
                 batch_size=task.batch_size,
                 eval_dataset=evaluation,

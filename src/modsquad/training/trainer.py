@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from accelerate.utils import (
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..data.batching import BadRowError
 from ..data.mixing import MultiTaskMixer, TaskStream
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
@@ -109,6 +111,9 @@ class TrainerState:
         self.num_tasks = num_tasks
         self.usage_ema: list[torch.Tensor] | None = None  # per router: (num_tasks, num_experts)
         self.usage_seen = torch.zeros(num_tasks, dtype=torch.bool)
+        self.bad_rows: dict[
+            str, int
+        ] = {}  # per task: training rows skipped on this process (see `note_bad_rows`)
 
     def update_usage(self, counts: list[torch.Tensor]) -> None:
         if self.usage_ema is None:
@@ -126,12 +131,38 @@ class TrainerState:
         self.usage_seen |= torch.stack([c.sum(dim=1) > 0 for c in counts]).any(dim=0).cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "usage_ema": self.usage_ema, "usage_seen": self.usage_seen}
+        return {
+            "step": self.step,
+            "usage_ema": self.usage_ema,
+            "usage_seen": self.usage_seen,
+            "bad_rows": dict(self.bad_rows),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.usage_ema = state["usage_ema"]
         self.usage_seen = state["usage_seen"]
+        self.bad_rows = dict(state.get("bad_rows", {}))
+
+    def note_bad_rows(
+        self, micro_batches: list[tuple[str, dict]], max_bad_rows: int, process: str = ""
+    ) -> None:
+        """Takes the `skipped_rows` the loaders reported out of the step's batches, warns about each (naming the
+        task, the row and why) and raises once a task has skipped more than `max_bad_rows` rows."""
+        for task, batch in micro_batches:
+            skipped = batch.pop("skipped_rows", None) if isinstance(batch, dict) else None
+            for _, reason in skipped or ():
+                self.bad_rows[task] = self.bad_rows.get(task, 0) + 1
+                print(
+                    f"warning{process}: skipped a bad training row ({reason}); replaced by the next good row",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if self.bad_rows[task] > max_bad_rows:
+                    raise BadRowError(
+                        f"task {task!r} has skipped {self.bad_rows[task]} bad training rows, more than "
+                        f"training.max_bad_rows={max_bad_rows}; the last: {reason}"
+                    )
 
 
 class StepSums:
@@ -426,6 +457,7 @@ def train(
         accelerator.wait_for_everyone()
         return folder
 
+    process_tag = f" [process {accelerator.process_index}]" if accelerator.num_processes > 1 else ""
     step_module.train()
     progress = tqdm(
         total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
@@ -435,7 +467,9 @@ def train(
         while state.step < max_steps:
             sums = StepSums(accelerator.num_processes * accumulation)
             for _ in range(accumulation):
-                micro_batches = send_to_device(mixer.next_step(), accelerator.device)
+                micro_batches = mixer.next_step()
+                state.note_bad_rows(micro_batches, loop.max_bad_rows, process_tag)
+                micro_batches = send_to_device(micro_batches, accelerator.device)
                 with accelerator.accumulate(step_module):
                     out = step_module(micro_batches)
                     accelerator.backward(out.loss)
