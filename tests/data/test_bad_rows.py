@@ -125,7 +125,7 @@ def test_nan_boxes_are_refused_everywhere_they_enter():
             return_tensors="pt",
         )
     schema = task_schema("object-detection")
-    with pytest.raises(ValueError, match="row 5: boxes .* non-finite"):
+    with pytest.raises(ValueError, match=r"row 5: boxes .* non-finite"):
         schema.references([{"image": image(), "objects": {"bbox": [nan_box], "category": [0]}}], start=5)
     metric = MeanAveragePrecision()
     with pytest.raises(ValueError, match="boxes must be finite"):
