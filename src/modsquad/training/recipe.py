@@ -287,7 +287,8 @@ class LoopRecipe:
         tracker (`str`, *optional*, defaults to `"csv"`): `"csv"`, `"tensorboard"` or `"none"`.
         num_workers (`int`, *optional*, defaults to 0): DataLoader workers per task.
         find_unused_parameters (`bool`, *optional*): DDP's flag; by default on exactly when the mixing strategy
-            can leave a task (hence its head) out of a step.
+            can leave a task (hence its head) out of a step, or when every task has a dense head (which leaves the
+            backbone's final norm unused).
         usage_ema_decay (`float`, *optional*, defaults to 0.99): decay of the per-task expert-usage EMA.
         save_final_model (`bool`, *optional*, defaults to `True`): write `final/` with `save_pretrained`.
         max_bad_rows (`int`, *optional*, defaults to 100): training rows of one task that may be skipped because

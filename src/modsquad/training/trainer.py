@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..data.batching import BadRowError
 from ..data.mixing import MultiTaskMixer, TaskStream
+from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -369,8 +370,10 @@ def train(
     mixed_precision = resolve_mixed_precision(loop.mixed_precision, cpu)
     find_unused = loop.find_unused_parameters
     if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt"
+        # Sampling strategies may leave a task, hence its head, out of a step; and when every head is a dense one
+        # (reading intermediate blocks), the backbone's final norm is never used: let DDP skip those parameters.
+        dense_only = all(task_head_class(t["type"]).needs_hidden_states for t in model.config.tasks)
+        find_unused = recipe.mixing.strategy != "simt" or dense_only
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
