@@ -140,16 +140,16 @@ def reserved_task_names() -> frozenset[str]:
     return frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
 
 
-def _check_task_name(name: Any, position: int) -> str:
+def check_task_name(name: Any, where: str) -> str:
+    """`name` if it can name a task: a Python identifier (it names modules and weights) that is not reserved (see
+    `reserved_task_names`); a ValueError naming `where` otherwise."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(
-            f"tasks[{position}]['name'] must be a Python identifier (it names modules and weights), got {name!r}"
-        )
+        raise ValueError(f"{where} must be a Python identifier (it names modules and weights), got {name!r}")
     if name in reserved_task_names() or name.startswith("_"):
         raise ValueError(
-            f"tasks[{position}]['name']={name!r} is reserved: it is an attribute of the torch module holding the "
-            "tasks' heads (like 'train', 'forward', 'state_dict', 'keys') or starts with '_'; rename the task, "
-            "e.g. 'task_" + name.lstrip("_") + "'"
+            f"{where}={name!r} is reserved: it is an attribute of the torch module holding the tasks' heads (like "
+            f"'train', 'forward', 'state_dict', 'keys') or starts with '_'; rename the task, e.g. "
+            f"'task_{name.lstrip('_')}'"
         )
     return name
 
@@ -208,7 +208,7 @@ def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ValueError(f"tasks[{position}] must be a dict with at least 'name' and 'type', got {entry!r}")
     task = dict(entry)
-    name = _check_task_name(task.get("name"), position)
+    name = check_task_name(task.get("name"), f"tasks[{position}]['name']")
     task_type = task.get("type")
     if task_type not in TASK_TYPES:
         raise ValueError(

@@ -36,6 +36,7 @@ from ..model.configuration_modsquad import (
     accepted_task_keys,
     check_bool,
     check_number,
+    check_task_name,
     did_you_mean,
     reject_unknown_keys,
 )
@@ -117,8 +118,7 @@ class TaskRecipe:
     max_eval_samples: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"task name must be a Python identifier, got {self.name!r}")
+        check_task_name(self.name, "task name")
         where = f"tasks.{self.name}"
         if self.type is not None and self.type not in TASK_TYPES:
             raise ValueError(

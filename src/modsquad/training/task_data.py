@@ -16,6 +16,7 @@ from ..data.batching import AdaptedDataset
 from ..data.demo import demo_task_configs, make_demo_datasets
 from ..data.loading import load_task_dataset
 from ..data.mixing import epoch_seed
+from ..hub.locations import check_path_or_repo_id
 from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModSquadConfig
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from ..model.modeling_multitask import ModSquadForMultiTask
@@ -255,7 +256,8 @@ def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMul
     if recipe.model.experts_implementation is not None:
         options["experts_implementation"] = recipe.model.experts_implementation
     if recipe.model.pretrained:
-        model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
+        pretrained = check_path_or_repo_id(recipe.model.pretrained, "model.pretrained")
+        model = ModSquadForMultiTask.from_pretrained(pretrained, **options)
         if model.config.task_names != [e["name"] for e in entries]:
             raise ValueError(
                 f"the pretrained model has tasks {model.config.task_names}, the recipe {[e['name'] for e in entries]}"
