@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..model.configuration_modsquad import TASK_TYPES, task_option
+from ..model.configuration_modsquad import TASK_TYPES, check_bool, task_option
 from ..model.image_processing_modsquad import check_image
 from ..model.processing_detection import BOX_TOLERANCE_PX
 from .schemas import task_schema
@@ -115,11 +115,9 @@ class TaskDataAdapter:
             if self.task.get("depth_scale") is not None:
                 options.setdefault("depth_scale", self.task["depth_scale"])
             self.max_depth = float(task_option(self.task, "max_depth"))
-        if not isinstance(options.get("reduce_labels", False), bool):
-            raise ValueError(f"reduce_labels must be true or false, got {options['reduce_labels']!r}")
         self.schema = task_schema(self.task_type, columns, **options)
         self.processor = processor
-        self.train = bool(train)
+        self.train = check_bool("train", train)
         self.output_size = _output_size(image_size, processor)
         self.augment = _augment_config(augment, self.task_type)
         self._rng = np.random.default_rng(seed)

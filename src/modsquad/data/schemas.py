@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from transformers.image_utils import get_image_size
 
-from ..model.configuration_modsquad import BBOX_FORMATS
+from ..model.configuration_modsquad import BBOX_FORMATS, check_bool, check_number
 from ..model.processing_dense import to_2d_array
 
 
@@ -266,6 +266,11 @@ class SegmentationSchema(TaskSchema):
 
     reduce_labels: bool = False
     ignore_index: int = 255
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("reduce_labels", self.reduce_labels)
+        check_number("ignore_index", self.ignore_index, integer=True)
 
     def label_maps(self, columns: dict[str, list], start: int = 0) -> list[np.ndarray]:
         """The class-id maps of a batch (`start`: the dataset row of its first row, which errors name)."""

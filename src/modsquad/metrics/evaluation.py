@@ -10,6 +10,7 @@ import datasets
 import torch
 
 from ..data.schemas import TaskSchema, image_size, task_schema
+from ..model.configuration_modsquad import check_number
 from ..model.image_processing_modsquad import ModSquadImageProcessor, check_image
 from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
 
@@ -144,6 +145,9 @@ def evaluate_model(
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    for name, value in (("min_depth", min_depth), ("max_depth", max_depth)):
+        check_number(name, value, minimum=0, optional=True)
     task_name, pass_task = resolve_task(model, task)
     entry = model.config.get_task(task_name)
     task_type = entry["type"]
