@@ -296,6 +296,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             "pickled, which is never loaded): it cannot be resumed safely. Start a new run (--overwrite or a new "
             "output_dir), or initialise from its weights with model.pretrained"
         )
+    files = manifest["files"]
+    # Only plain names of this folder: a listed "../x" would have the check read files elsewhere.
+    strange = (
+        [name for name in files if Path(name).name != name or name in ("", ".", "..")]
+        if isinstance(files, dict)
+        else [files]
+    )
+    if strange:
+        raise CheckpointError(
+            f"{marker} lists files outside its folder: {strange}; the checkpoint is damaged"
+        )
     return manifest
 
 
