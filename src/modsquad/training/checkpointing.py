@@ -372,10 +372,10 @@ def verify_checkpoint(
         run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else None
         fallback = newest_intact_checkpoint(run_dir, before=folder) if run_dir is not None else None
         advice = (
-            f"resume from the newest intact checkpoint instead: --resume {fallback} (the steps after "
+            f"Resume from the newest intact checkpoint instead: --resume {fallback} (the steps after "
             f"{_step_of(fallback)} are trained again)"
             if fallback is not None
-            else "no older intact checkpoint of this run exists; start afresh with --overwrite"
+            else "No older intact checkpoint of this run exists; start afresh with --overwrite"
         )
         raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}. {advice}")
     saved_processes = manifest.get("num_processes")
