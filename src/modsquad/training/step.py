@@ -185,7 +185,9 @@ class MultiTaskStepOutput(ModelOutput):
             `mi_loss_coef * world_size * mi_loss` (scaled so that DDP's gradient averaging yields the gradient of the
             global mutual information).
         task_losses (`torch.FloatTensor` of shape `(num_tasks,)`): detached sum of each task's losses (task loss
-            without the auxiliary loss) over its micro-batches of this step.
+            without the auxiliary loss) over its micro-batches of this step; under several processes each is this
+            process's share of the global batch's loss (see [`global_loss_scales`]), so their mean over processes is
+            the global loss.
         task_counts (`torch.FloatTensor` of shape `(num_tasks,)`): micro-batches of each task in this step.
         aux_loss (`torch.FloatTensor`): detached sum of the per-batch auxiliary router losses.
         mi_loss (`torch.FloatTensor`): detached `-I(T;E)` of the step, over every process (0 with fewer than two tasks).
