@@ -11,17 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmentation, ModSquadImageProcessor
 from modsquad.cli import main
 from modsquad.hub.push import PushError, code_files, plan_folder, push_run
-from modsquad.pruning.run import prune_run
-from pruning_helpers import CLS_TASK, SEG_TASK, make_run_folder, pixel_loader
+from pruning_helpers import CLS_TASK, SEG_TASK, make_run_folder, specialised_model
 
 
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
+    """A run folder with its multi-task model and one single-task model folder per task (not cut from it: what is
+    published does not depend on how the task models were made)."""
     run = tmp_path_factory.mktemp("push") / "run"
     make_run_folder(run, [CLS_TASK, SEG_TASK])
-    prune_run(run, {"cls": pixel_loader(20, batches=1), "seg": pixel_loader(21, batches=1)})
+    processor = ModSquadImageProcessor(size={"height": 32, "width": 32})
+    for task, model_class in (
+        (CLS_TASK, ModSquadForImageClassification),
+        (SEG_TASK, ModSquadForSemanticSegmentation),
+    ):
+        model_class(specialised_model([task]).config).save_pretrained(run / "tasks" / task["name"])
+        processor.save_pretrained(run / "tasks" / task["name"])
     return run
 
 
@@ -63,6 +71,7 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
     model_dir = pruned_run / "model"
     secret = tmp_path / "secret_token"
     secret.write_text("hf_secret")
+    (model_dir / "loss_weights.json").write_text("{}")  # a usage file: published
     (model_dir / ".hf_token").write_text("hf_secret")
     (model_dir / "token.txt").write_text("hf_secret")
     (model_dir / "optimizer.bin").write_bytes(b"state")
@@ -72,7 +81,7 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
     try:
         files, left_out = plan_folder(model_dir, card=True)
         assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
-        assert {"expert_usage.json", "expert_usage.png", "modeling_multitask.py", "moe.py"} <= set(files)
+        assert {"loss_weights.json", "modeling_multitask.py", "moe.py"} <= set(files)
         for name in (".hf_token", "token.txt", "optimizer.bin", "preprocessor_link.json"):
             assert name not in files and name in left_out
         assert left_out["model-00002-of-00002.safetensors"] == "a link to outside the folder"
@@ -90,7 +99,8 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
         assert "token.txt" not in published and ".hf_token" not in published
         assert not any(b"hf_secret" in data for repo in hub.repos.values() for data in repo.values())
     finally:
-        for name in (".hf_token", "token.txt", "optimizer.bin", "unused_helper.py", "preprocessor_link.json",
+        for name in ("loss_weights.json", ".hf_token", "token.txt", "optimizer.bin", "unused_helper.py",
+                     "preprocessor_link.json",
                      "model-00002-of-00002.safetensors"):  # fmt: skip
             (model_dir / name).unlink()
 
