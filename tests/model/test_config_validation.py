@@ -43,6 +43,10 @@ SEG = {"name": "seg", "type": "semantic-segmentation", "labels": ["bg", "fg"]}
         ("norm_topk_prob", 1, "norm_topk_prob must be true or false, got 1 (int)"),
         ("return_dict", "yes", "return_dict must be true or false"),
         ("feature_layers", [0, True], "feature_layers must be a list of block indices"),
+        ("moe_layers", [True], "moe_layers=[True] must list distinct block indices"),
+        ("hidden_act", ["gelu"], "hidden_act=['gelu'] is not a Transformers activation"),
+        ("attention_num_experts", 4, "attention_num_experts set but moe_attention=False"),
+        ("attention_expert_heads", 2, "attention_expert_heads set but moe_attention=False"),
     ],
 )
 def test_every_field_is_checked_by_name(tiny_config, field, value, message):

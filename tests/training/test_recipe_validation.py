@@ -117,3 +117,18 @@ def test_recipe_changes_split_into_honoured_and_refused():
         "tasks.cls.batch_size: 32 -> 8",
     ]
     assert "training.max_steps" in RESUMABLE_KEYS and "optimization.learning_rate" not in RESUMABLE_KEYS
+
+
+def test_task_resolutions_must_be_whole_patches():
+    from modsquad.training.task_data import TaskData, build_model
+
+    task = {"name": "depth", "type": "depth-estimation", "dataset": {"path": "x"}, "image_size": 30}
+    model = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "num_experts": 2,
+             "num_experts_per_tok": 1, "expert_intermediate_size": 8, "image_size": 32}  # fmt: skip
+    data = TaskData(
+        "depth", [], lambda rows, epoch: [], 1, config_entry={"name": "depth", "type": "depth-estimation"}
+    )
+    with pytest.raises(
+        ValueError, match=r"tasks.depth.image_size=30 is not a multiple of the model's patch_size=8"
+    ):
+        build_model(recipe(tasks=[task], model={"config": model}), [data])

@@ -282,6 +282,8 @@ NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
     "z_loss_coef": {"minimum": 0},
     "chunk_size_feed_forward": {"minimum": 0, "integer": True},
 }
+# Fields that only mean something with `moe_attention=True`.
+ATTENTION_EXPERT_FIELDS = ("attention_num_experts", "attention_experts_per_tok", "attention_expert_heads")
 # Fields that are true or false (`None` allowed for the Transformers ones that default from elsewhere).
 BOOL_FIELDS = ("qkv_bias", "moe_attention", "norm_topk_prob", "is_encoder_decoder")
 OPTIONAL_BOOL_FIELDS = ("output_hidden_states", "return_dict")
@@ -475,7 +477,7 @@ class ModSquadConfig(PreTrainedConfig):
             )
 
     def _validate_shape(self) -> None:
-        if self.hidden_act not in ACT2FN:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not a Transformers activation; accepted: {sorted(ACT2FN)}"
             )
@@ -516,6 +518,12 @@ class ModSquadConfig(PreTrainedConfig):
                 "top-k must be at most the number of experts"
             )
         if not self.moe_attention:
+            given = [f for f in ATTENTION_EXPERT_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set but moe_attention=False: attention experts exist only with "
+                    "moe_attention=True; set it, or drop these fields"
+                )
             return
         if self.attention_experts_per_tok is None:
             self.attention_experts_per_tok = self.num_experts_per_tok
@@ -633,9 +641,10 @@ class ModSquadConfig(PreTrainedConfig):
         if layers == "every_other":
             return list(range(1, self.num_hidden_layers, 2))
         if isinstance(layers, (list, tuple)):
-            if any(not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in layers) or len(
-                set(layers)
-            ) != len(layers):
+            if any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
+                for i in layers
+            ) or len(set(layers)) != len(layers):
                 raise ValueError(
                     f"moe_layers={layers} must list distinct block indices in 0..{self.num_hidden_layers - 1}"
                 )

@@ -561,7 +561,8 @@ def load_recipe(
     raw: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
-            raise ValueError(f"recipe file {str(path)!r} does not exist")
+            state = "is a folder, not a YAML file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"recipe file {str(path)!r} {state}")
         raw = parse_yaml(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"recipe file {str(path)!r} must hold a mapping at the top level")

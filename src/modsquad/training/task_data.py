@@ -262,15 +262,28 @@ def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMul
             raise ValueError(
                 f"the pretrained model has tasks {model.config.task_names}, the recipe {[e['name'] for e in entries]}"
             )
+        _check_task_resolutions(recipe, model.config.patch_size)
         return model
     fields = dict(recipe.model.config)
     if "tasks" in fields:
         raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
     fields.setdefault("image_size", max(task.image_size for task in recipe.tasks))
-    model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
+    config = ModSquadConfig(tasks=entries, **fields)
+    _check_task_resolutions(recipe, config.patch_size)
+    model = ModSquadForMultiTask(config)
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
     return model
+
+
+def _check_task_resolutions(recipe: TrainingRecipe, patch_size: int) -> None:
+    """Every task's resolution must be whole patches: the patch embedding would silently drop the remainder."""
+    for task in recipe.tasks:
+        if task.image_size % patch_size:
+            raise ValueError(
+                f"tasks.{task.name}.image_size={task.image_size} is not a multiple of the model's patch_size="
+                f"{patch_size}; use e.g. {max(patch_size, round(task.image_size / patch_size) * patch_size)}"
+            )
 
 
 __all__ = [
