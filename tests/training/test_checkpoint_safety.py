@@ -312,3 +312,14 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_partial_folder(tmp_path, monk
     monkeypatch.setattr(checkpointing, "save_file", real_save)
     resumed = run(tmp_path / "run", resume="latest")
     assert resumed.step == 3
+
+
+def test_a_diverging_run_stops_instead_of_training_on_nan(tmp_path):
+    from modsquad.training.trainer import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match=r"step \d+: the loss is nan .*The last checkpoint is"):
+        run(
+            tmp_path / "run",
+            optimization={"learning_rate": 1e30, "max_grad_norm": None},
+            training={"max_steps": 6},
+        )

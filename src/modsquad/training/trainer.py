@@ -101,6 +101,11 @@ class TrainResult:
     replica_digests: list[str] = field(default_factory=list)
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite (outside fp16's skipped steps); the message names the step, the task
+    losses and the last checkpoint."""
+
+
 class TrainerState:
     """Loop state saved in checkpoints next to Accelerate's own: the optimizer step and the per-task EMA of expert
     usage (fraction of each task's top-k selections that went to each expert, per router), all-reduced over
@@ -491,6 +496,15 @@ def train(
 
             # One all-reduce per step: losses, usage counts and the stop request travel together.
             stopped_anywhere, reduced = sums.reduce(accelerator, stop.requested is not None)
+            # fp16's scaler skips steps with overflowing gradients by design; any other non-finite loss has already
+            # spoilt the weights: stop (every process sees the same reduced loss) rather than train on NaN.
+            if not math.isfinite(reduced["loss"]) and not accelerator.optimizer_step_was_skipped:
+                losses = dict(zip(task_names, reduced["task_losses"]))
+                raise TrainingDivergedError(
+                    f"step {state.step}: the loss is {reduced['loss']} (task losses {losses}, aux "
+                    f"{reduced['aux_loss']}); training diverged (learning rate, loss weights or data). The last "
+                    f"checkpoint is {last_checkpoint or 'none'}"
+                )
             # A signal during the last step changes nothing: the run is finishing anyway.
             stop_everywhere = stopped_anywhere and state.step < max_steps
             if reduced["usage"]:
@@ -620,6 +634,7 @@ def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) 
 __all__ = [
     "TrainResult",
     "TrainerState",
+    "TrainingDivergedError",
     "build_mixer",
     "build_optimizer",
     "evaluate_tasks",
