@@ -347,7 +347,9 @@ class TrainingRecipe:
         output_dir (`str`, *optional*, defaults to `"runs/modsquad"`): run folder (checkpoints, logs, final model).
         seed (`int`, *optional*, defaults to 0): seed of the model init, the data order and the task draws.
         model, mixing, optimization, training: the sections above.
-        resume (`str`, *optional*): checkpoint folder to resume from, or `"latest"` (newest in `output_dir`).
+        resume (`str`, *optional*): checkpoint folder to resume from, or `"latest"` (newest in `output_dir`). The
+            checkpoint is verified first (every file's SHA-256); the recipe may differ from the one it was taken with
+            only in `RESUMABLE_KEYS` (length, logging, evaluation, checkpointing), other changes are refused.
         overwrite (`bool`, *optional*, defaults to `False`): start afresh in an `output_dir` that already holds a run,
             deleting that run's checkpoints, logs and final model first. Without it (or `resume`) such a folder is
             refused, so that a run is never mixed with or silently replaced by another.
