@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
@@ -322,11 +323,26 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# Tensors of the replica check's all-gather, kept for the life of the process. gloo's worker threads hold the last
-# collectives they ran until the process group is torn down; if those still point at tensors Python has dropped,
-# freeing them there needs the GIL, which the tearing-down main thread holds: a deadlock that now and then hung a
-# finished multi-process run. Tensors Python still references are freed without the GIL.
+# Tensors of the replica check's all-gather, kept for the life of the process (see `release_collectives`).
 _GATHER_BUFFERS: list[torch.Tensor] = []
+# Barriers that `release_collectives` runs: more than gloo's worker threads (2 by default).
+RELEASE_ROUNDS = 4
+
+
+def release_collectives() -> None:
+    """Lets gloo's worker threads drop the last collectives they ran while this thread waits without the GIL.
+
+    Each worker thread keeps the last work it ran until it takes another one or the process group is torn down, and
+    freeing a work whose tensors came from Python needs the GIL. At teardown (when the DDP wrapper's reducer releases
+    the process group) the main thread holds the GIL while it joins those threads: a finished multi-process run then
+    hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in `~AsyncAllgatherWork`, waiting for the
+    GIL). Barriers carry no tensors: after a few, each waited for (without the GIL), every worker holds only barriers.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return
+    for _ in range(RELEASE_ROUNDS):
+        dist.barrier()
+        time.sleep(0.01)  # the GIL is free while the workers finish their bookkeeping
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -339,6 +355,36 @@ def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) 
     torch.distributed.all_gather(gathered, local)
     _GATHER_BUFFERS.extend([local, *gathered])
     return [bytes(tensor.cpu().tolist()).hex() for tensor in gathered]
+
+
+def next_micro_batches(
+    accelerator: Accelerator, mixer: MultiTaskMixer, state: TrainerState, max_bad_rows: int, process_tag: str
+) -> list[tuple[str, dict]]:
+    """The next step's micro-batches, with their skipped rows counted (see [`TrainerState.note_bad_rows`]).
+
+    Bad data stops one process only (its shard holds the bad rows), and the others would then wait for it in the
+    step's collectives until the process group times out. With several processes, every process says whether its
+    data failed (one small all-reduce) and all stop together: the failing one with its error, the others naming it.
+    """
+    error: Exception | None = None
+    batches: list[tuple[str, dict]] = []
+    try:
+        batches = mixer.next_step()
+        state.note_bad_rows(batches, max_bad_rows, process_tag)
+    except (ValueError, OSError) as exc:  # BadRowError and the loaders' own checks
+        error = exc
+    if accelerator.num_processes > 1:
+        flags = torch.zeros(accelerator.num_processes, device=accelerator.device)
+        flags[accelerator.process_index] = 1.0 if error is not None else 0.0
+        failed = accelerator.reduce(flags, reduction="sum").cpu()
+        if error is None and bool(failed.any()):
+            ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+            raise BadRowError(
+                f"the training data of process(es) {ranks} failed (see their error); stopping too"
+            )
+    if error is not None:
+        raise error
+    return batches
 
 
 def _read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -475,8 +521,7 @@ def train(
         while state.step < max_steps:
             sums = StepSums(accelerator.num_processes * accumulation)
             for _ in range(accumulation):
-                micro_batches = mixer.next_step()
-                state.note_bad_rows(micro_batches, loop.max_bad_rows, process_tag)
+                micro_batches = next_micro_batches(accelerator, mixer, state, loop.max_bad_rows, process_tag)
                 micro_batches = send_to_device(micro_batches, accelerator.device)
                 with accelerator.accumulate(step_module):
                     out = step_module(micro_batches)
@@ -546,6 +591,7 @@ def train(
                     f"stopped by signal {stop.requested or 'on another process'}; checkpoint {last_checkpoint}"
                 )
                 accelerator.end_training()
+                release_collectives()
                 return TrainResult(
                     output_dir, state.step, max_steps, stop.requested or -1, metrics, history,
                     checkpoint=last_checkpoint, model=accelerator.unwrap_model(step_module).model,
@@ -579,6 +625,7 @@ def train(
         (output_dir / REPLICA_DIGESTS_FILE).write_text(json.dumps(digests))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    release_collectives()
     return TrainResult(
         output_dir,
         state.step,
