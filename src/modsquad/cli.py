@@ -106,6 +106,18 @@ def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
         return status
 
 
+def exit_process(status: int) -> int:
+    """`status`, or, in a process of a multi-process run, the end of the process with it: its output flushed, then
+    `os._exit`, without tearing the gloo/NCCL process group down (that can deadlock; see
+    `modsquad.training.trainer._LIVE_WRAPPERS`). Every file of the run is written by then."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -113,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     import modsquad
 
     modsquad.register_auto_classes()  # the command line defers it (see the package docstring)
-    return run_reporting_errors(f"modsquad {args.command}", command_module(args.command).run, args)
+    return exit_process(
+        run_reporting_errors(f"modsquad {args.command}", command_module(args.command).run, args)
+    )
 
 
 if __name__ == "__main__":

@@ -103,14 +103,7 @@ def train_recipe(recipe: TrainingRecipe) -> TrainResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    try:
-        result = train_recipe(recipe_from_args(args))
-    finally:
-        # Several processes: leave the process group explicitly rather than in the interpreter's shutdown.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    result = train_recipe(recipe_from_args(args))
     if result.interrupted is not None:
         print(
             f"interrupted at step {result.step}/{result.max_steps}; resume with --resume ({result.checkpoint})"
@@ -124,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `training/train.py` (what `accelerate launch` runs): the arguments and error reporting of
     `modsquad train`."""
-    from ..cli import parse_args, run_reporting_errors
+    from ..cli import exit_process, parse_args, run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_args(parser, list(sys.argv[1:] if argv is None else argv))
-    return run_reporting_errors("train.py", run, args)
+    return exit_process(run_reporting_errors("train.py", run, args))
 
 
 __all__ = ["add_arguments", "main", "recipe_from_args", "run", "train_recipe"]

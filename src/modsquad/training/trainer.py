@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
@@ -323,26 +322,13 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# Tensors of the replica check's all-gather, kept for the life of the process (see `release_collectives`).
-_GATHER_BUFFERS: list[torch.Tensor] = []
-# Barriers that `release_collectives` runs: more than gloo's worker threads (2 by default).
-RELEASE_ROUNDS = 4
-
-
-def release_collectives() -> None:
-    """Lets gloo's worker threads drop the last collectives they ran while this thread waits without the GIL.
-
-    Each worker thread keeps the last work it ran until it takes another one or the process group is torn down, and
-    freeing a work whose tensors came from Python needs the GIL. At teardown (when the DDP wrapper's reducer releases
-    the process group) the main thread holds the GIL while it joins those threads: a finished multi-process run then
-    hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in `~AsyncAllgatherWork`, waiting for the
-    GIL). Barriers carry no tensors: after a few, each waited for (without the GIL), every worker holds only barriers.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
-        return
-    for _ in range(RELEASE_ROUNDS):
-        dist.barrier()
-        time.sleep(0.01)  # the GIL is free while the workers finish their bookkeeping
+# The data-parallel wrappers of this process's runs, never freed. Freeing one frees its reducer and with it the gloo
+# process group, whose destructor joins gloo's worker threads while holding the GIL; a worker still destroying the
+# last collectives (their tensors came from Python, so releasing them needs the GIL) then waits for it forever: a
+# finished multi-process run hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in
+# `~AsyncAllgatherWork`). Kept alive, the group is never torn down: the command line ends such a process with
+# `os._exit` once everything is written (`modsquad.cli.exit_process`).
+_LIVE_WRAPPERS: list[torch.nn.Module] = []
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -353,7 +339,6 @@ def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) 
     local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
     gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather(gathered, local)
-    _GATHER_BUFFERS.extend([local, *gathered])
     return [bytes(tensor.cpu().tolist()).hex() for tensor in gathered]
 
 
@@ -455,6 +440,8 @@ def train(
     # The schedule counts optimizer steps and is stepped by hand: a prepared scheduler would step once per process.
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    if accelerator.num_processes > 1:
+        _LIVE_WRAPPERS.append(step_module)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
     # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
     # objects here to checkpoint them too.
@@ -591,7 +578,6 @@ def train(
                     f"stopped by signal {stop.requested or 'on another process'}; checkpoint {last_checkpoint}"
                 )
                 accelerator.end_training()
-                release_collectives()
                 return TrainResult(
                     output_dir, state.step, max_steps, stop.requested or -1, metrics, history,
                     checkpoint=last_checkpoint, model=accelerator.unwrap_model(step_module).model,
@@ -625,7 +611,6 @@ def train(
         (output_dir / REPLICA_DIGESTS_FILE).write_text(json.dumps(digests))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    release_collectives()
     return TrainResult(
         output_dir,
         state.step,
