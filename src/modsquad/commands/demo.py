@@ -39,6 +39,7 @@ from ..pruning.run import calibration_loader, format_prune_table, prune_run
 from ..pruning.usage import collect_expert_usage, router_layout
 from ..run_folder import RunFolder
 from ..training.budget import TimeEstimate, format_minutes
+from ..training.checkpointing import check_run_folder
 from ..training.recipe import load_recipe
 from ..training.task_data import build_model, build_task_data
 from ..training.trainer import train
@@ -363,14 +364,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `modsquad train`"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output-dir (otherwise such a folder is refused)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output_dir = Path(args.output_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
+    overrides = [*(args.overrides or []), *(["overwrite=true"] if args.overwrite else [])]
     recipe = demo_recipe(
-        output_dir, args.num_train, args.num_val, args.max_steps, args.seed, args.overrides, args.max_minutes
+        output_dir, args.num_train, args.num_val, args.max_steps, args.seed, overrides, args.max_minutes
     )
+    # Refuse a folder holding another run before the data is generated (the trainer checks again).
+    check_run_folder(recipe.output_dir, recipe.resume, recipe.overwrite)
     print(f"modsquad demo -> {output_dir}")
     tasks, processor = build_task_data(recipe)
     generated = time.perf_counter()

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `modsquad push`; returns the exit status."""
+    """Runs `modsquad push`; returns the exit status. What each repo receives (and what is left out) is printed
+    before anything is uploaded."""
     uploaded = push_run(
         args.run,
         args.repo_id,
@@ -51,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         commit_message=args.commit_message,
         dry_run=args.dry_run,
+        log=lambda line: print(line, flush=True),
     )
-    verb = "would upload" if args.dry_run else "uploaded"
-    for repo_id, files in uploaded.items():
-        print(f"{verb} {len(files)} files to {repo_id}: {', '.join(files)}")
+    if not args.dry_run:
+        print(f"done: {len(uploaded)} repos published: {', '.join(uploaded)}")
     return 0
 
 

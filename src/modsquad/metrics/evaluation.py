@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.schemas import TaskSchema, image_size, task_schema
-from ..model.image_processing_modsquad import ModSquadImageProcessor
+from ..model.configuration_modsquad import check_number
+from ..model.image_processing_modsquad import ModSquadImageProcessor, check_image
 from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
 from .mean_average_precision import UNDEFINED as COCO_UNDEFINED
 from .mean_iou import PER_CATEGORY_KEYS
@@ -48,7 +49,7 @@ def task_metric(
     if task_type == "semantic-segmentation":
         return MeanIoU(num_labels=task["num_labels"], ignore_index=task.get("ignore_index", 255))
     if task_type == "object-detection":
-        return MeanAveragePrecision()
+        return MeanAveragePrecision(num_labels=task["num_labels"])
     if task_type == "depth-estimation":
         return DepthError(min_depth=min_depth, max_depth=max_depth)
     raise ValueError(f"no metric for task type {task_type!r}")
@@ -186,6 +187,9 @@ def evaluate_model(
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    for name, value in (("min_depth", min_depth), ("max_depth", max_depth)):
+        check_number(name, value, minimum=0, optional=True)
     task_name, pass_task = resolve_task(model, task)
     entry = model.config.get_task(task_name)
     task_type = entry["type"]
@@ -204,9 +208,26 @@ def evaluate_model(
     task_kwargs = {"task": task_name} if pass_task else {}
     bar = tqdm(total=total, desc=f"evaluate {task_name}", unit="img", leave=False, disable=not progress)
     try:
-        for batch in dataset.iter(batch_size=batch_size):
+        start = 0
+        batches = iter(dataset.iter(batch_size=batch_size))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as error:  # a corrupt image file fails while the batch is decoded
+                raise ValueError(
+                    f"rows {start}..{start + batch_size - 1} of the evaluation data cannot be read: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             images = schema.images(batch)
-            references = schema.references(batch)
+            references = schema.references(batch, start)
+            for offset, image in enumerate(images):
+                try:
+                    check_image(image)
+                except ValueError as error:
+                    raise ValueError(f"row {start + offset}: {error}") from error
+            start += len(images)
             sizes = [tuple(image_size(image)) for image in images]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
@@ -242,6 +263,13 @@ def _schema(
         options["reduce_labels"] = reduce_labels
     if task_type == "semantic-segmentation":
         options["ignore_index"] = entry.get("ignore_index", 255)
+        if reduce_labels is None and "reduce_labels" in entry:
+            options["reduce_labels"] = entry["reduce_labels"]
+    if task_type == "object-detection" and bbox_format is None and "bbox_format" in entry:
+        options["bbox_format"] = entry["bbox_format"]
+    if task_type == "depth-estimation" and entry.get("depth_scale") is not None:
+        # The unit the model was trained in (see `DepthSchema`): references are read the same way.
+        options["depth_scale"] = entry["depth_scale"]
     return task_schema(task_type, columns, **options)
 
 

@@ -82,15 +82,23 @@ class MeanAveragePrecision(StreamingMetric):
     Args:
         box_format (`str`, *optional*, defaults to `"xyxy"`): layout of the boxes of predictions and references:
             `"xyxy"` (what `post_process_object_detection` returns), `"xywh"` (COCO) or `"cxcywh"`, in pixels.
+        num_labels (`int`, *optional*): number of classes of the detector. When given, class ids of references and
+            predictions outside `0 .. num_labels - 1` raise a ValueError: a dataset whose category ids the model
+            cannot predict would otherwise score an mAP of 0 without a word.
         **kwargs: passed to `evaluate.Metric`.
     """
 
     metric_name = "mean_average_precision"
 
-    def __init__(self, box_format: str = "xyxy", **kwargs):
+    def __init__(self, box_format: str = "xyxy", num_labels: int | None = None, **kwargs):
         if box_format not in BOX_FORMATS:
             raise ValueError(f"box_format={box_format!r}; accepted: {list(BOX_FORMATS)}")
         self.box_format = box_format
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+        ):
+            raise ValueError(f"num_labels must be a positive int or None, got {num_labels!r}")
+        self.num_labels = num_labels
         super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
@@ -116,12 +124,22 @@ class MeanAveragePrecision(StreamingMetric):
 
     def _update_state(self, state: dict[str, Any], predictions: list, references: list) -> None:
         for index, (prediction, reference) in enumerate(zip(predictions, references)):
-            state["predictions"].append(
-                _image_boxes(prediction, index, "prediction", ("boxes", "scores", "labels"), self.box_format)
+            prediction = _image_boxes(
+                prediction, index, "prediction", ("boxes", "scores", "labels"), self.box_format
             )
-            state["references"].append(
-                _image_boxes(reference, index, "reference", ("boxes", "labels"), self.box_format)
-            )
+            reference = _image_boxes(reference, index, "reference", ("boxes", "labels"), self.box_format)
+            if self.num_labels is not None:
+                for kind, entry in (("reference", reference), ("prediction", prediction)):
+                    labels = entry["labels"]
+                    bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= self.num_labels)]})
+                    if bad:
+                        raise ValueError(
+                            f"mean_average_precision {kind} {index}: class ids {bad[:10]} are out of range; the "
+                            f"detector has {self.num_labels} classes, ids 0..{self.num_labels - 1} (map the dataset's "
+                            "category ids to the model's labels first)"
+                        )
+            state["predictions"].append(prediction)
+            state["references"].append(reference)
 
     def _compute_from_state(self, state: dict[str, Any]) -> dict[str, float]:
         ground_truth, detections = _to_coco(state["references"], state["predictions"])
@@ -160,6 +178,11 @@ def _image_boxes(
             raise ValueError(
                 f"mean_average_precision {kind} {index}: {len(boxes)} boxes but {len(arrays[key])} {key}"
             )
+    if not np.isfinite(boxes).all():
+        raise ValueError(
+            f"mean_average_precision {kind} {index}: boxes must be finite, got "
+            f"{boxes[~np.isfinite(boxes).all(axis=1)][:3].tolist()}"
+        )
     if len(boxes) and ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
         raise ValueError(
             f"mean_average_precision {kind} {index}: boxes must be (x_min, y_min, x_max, y_max) with max >= min; "

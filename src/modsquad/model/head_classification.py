@@ -82,7 +82,14 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
             raise ValueError(
                 f"multi-label labels must be multi-hot of shape ({batch}, {num_labels}), got {tuple(labels.shape)}"
             )
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        targets = labels.to(logits.dtype)
+        outside = ~torch.isfinite(targets) | (targets < 0) | (targets > 1)
+        if bool(outside.any()):
+            raise ValueError(
+                f"multi-label targets must be multi-hot (or soft) values in [0, 1], got "
+                f"{targets[outside].unique()[:10].tolist()}"
+            )
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
     if labels.shape != (batch,) or labels.is_floating_point():
         raise ValueError(
             f"single-label labels must be integer class ids of shape ({batch},), got {labels.dtype} "

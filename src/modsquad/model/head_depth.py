@@ -121,6 +121,12 @@ class ModSquadDepthEstimationHead(TaskHead):
         check_depth_labels(labels, predicted_depth.shape[0])
         return silog_loss(predicted_depth, labels, self.silog_lambda)
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Images with a valid pixel (the loss is the mean of their per-image losses)."""
+        labels = torch.as_tensor(labels)
+        valid = (labels > 0) & torch.isfinite(labels)
+        return valid.flatten(1).any(dim=1).sum().float()
+
     def build_output(self, loss, predicted_depth, backbone_output) -> ModSquadDepthEstimatorOutput:
         return ModSquadDepthEstimatorOutput(
             loss=loss,

@@ -191,6 +191,10 @@ class ModSquadObjectDetectionHead(TaskHead):
         )
         return loss
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Objects (both loss terms are sums divided by the number of objects)."""
+        return torch.tensor(float(sum(len(target["class_labels"]) for target in labels)))
+
     def build_output(self, loss, predictions: dict, backbone_output) -> ModSquadObjectDetectionOutput:
         return ModSquadObjectDetectionOutput(
             loss=loss,

@@ -113,6 +113,10 @@ class ModSquadSemanticSegmentationHead(TaskHead):
         check_segmentation_labels(labels, logits.shape[0], self.num_labels, self.ignore_index)
         return segmentation_loss(logits, labels, self.ignore_index)
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Labelled pixels (the cross-entropy is their mean)."""
+        return (torch.as_tensor(labels) != self.ignore_index).sum().float()
+
     def build_output(self, loss, logits, backbone_output) -> ModSquadSemanticSegmenterOutput:
         return ModSquadSemanticSegmenterOutput(
             loss=loss,

@@ -237,6 +237,8 @@ def check_image(image) -> None:
                 f"unsupported PIL image mode {image.mode!r}; accepted modes are {list(SUPPORTED_PIL_MODES)} "
                 "(convert 16-bit or float images, e.g. depth maps, yourself)"
             )
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"empty image: {image.width}x{image.height} pixels")
         return
     shape = getattr(image, "shape", None)
     if shape is None or not hasattr(image, "dtype"):
@@ -250,6 +252,23 @@ def check_image(image) -> None:
             f"unsupported image shape {tuple(shape)}; expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4 "
             "(pass a batch as a list of images)"
         )
+    channels_first = len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+    spatial = tuple(shape[1:]) if channels_first else tuple(shape[:2])
+    if min(spatial) < 1:
+        raise ValueError(f"empty image: shape {tuple(shape)} has no pixels")
+    # NaN or infinity would be cast to arbitrary bytes (or fail deep inside the conversion to PIL).
+    values = image.detach() if hasattr(image, "detach") else image
+    floating = (
+        values.is_floating_point()
+        if hasattr(values, "is_floating_point")
+        else np.issubdtype(values.dtype, np.floating)
+    )
+    if floating:
+        finite = (
+            bool(values.isfinite().all()) if hasattr(values, "isfinite") else bool(np.isfinite(values).all())
+        )
+        if not finite:
+            raise ValueError(f"image of shape {tuple(shape)} holds NaN or infinite values")
 
 
 __all__ = ["ModSquadImageProcessor", "ModSquadImageProcessorKwargs"]

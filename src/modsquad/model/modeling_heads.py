@@ -64,6 +64,13 @@ class TaskHead(nn.Module, ABC):
     def loss(self, predictions, labels) -> torch.Tensor:
         """Task loss; validates `labels` and raises a ValueError naming what is wrong."""
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """What the loss of a batch with `labels` averages over: the loss is `sum / max(count, 1)` (0 when a dense
+        head has nothing labelled). Data-parallel training rescales each process's loss by
+        `max(local count, 1) * world_size / max(global count, 1)` so that its gradient is that of the global batch.
+        Images, by default; dense and detection heads override it."""
+        return torch.tensor(float(len(labels)))
+
     @abstractmethod
     def build_output(self, loss, predictions, backbone_output: ModSquadModelOutput) -> ModelOutput:
         """The stock Transformers output of this task type (plus routing fields)."""

@@ -3,6 +3,7 @@ model outputs (`logits`, normalised cxcywh `pred_boxes`) in, scored pixel boxes 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -71,6 +72,8 @@ def prepare_detection_labels(
             if obj.get("iscrowd", 0):
                 continue  # a crowd region, not one object (DETR's processor drops them too)
             x, y, w, h = (float(v) for v in obj["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ValueError(f"annotations[{index}]: box {obj['bbox']} has non-finite coordinates")
             if w <= 0 or h <= 0:
                 raise ValueError(
                     f"annotations[{index}]: degenerate box {obj['bbox']} (width and height must be > 0)"

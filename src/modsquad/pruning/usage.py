@@ -273,8 +273,10 @@ class ExpertUsageTracker:
     """Exponential moving average (and running count) of each task's expert usage, updated from training outputs.
 
     `update(task, outputs.expert_indices)` after a task batch's forward (run with `output_router_logits=True`);
-    `usage(task)` gives an [`ExpertUsage`] that [`prune_for_task`] accepts. The statistics are local to the process; `state_dict()` / `load_state_dict()` let the
-    trainer save them with its checkpoints (e.g. `accelerator.register_for_checkpointing(tracker)`).
+    `usage(task)` gives an [`ExpertUsage`] that [`prune_for_task`] accepts. The statistics are local to the process;
+    `state_dict()` / `load_state_dict()` let the trainer save them with its checkpoints (e.g.
+    `loop_state.register("usage_tracker", tracker)` with a `training.checkpointing.CheckpointedState`: JSON and
+    safetensors, never a pickle).
 
     Args:
         config ([`ModSquadConfig`]): configuration of the model being trained.

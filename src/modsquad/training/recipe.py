@@ -24,6 +24,8 @@ data paths of a recipe whose data lives on the user's machine: `tasks.cls.datase
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,16 @@ import yaml
 
 from ..adaptation.upcycling import UPCYCLING_MODES
 from ..data.mixing import STRATEGIES
-from ..model.configuration_modsquad import TASK_TYPES
+from ..model.configuration_modsquad import (
+    TASK_TYPES,
+    ModSquadConfig,
+    accepted_task_keys,
+    check_bool,
+    check_number,
+    check_task_name,
+    did_you_mean,
+    reject_unknown_keys,
+)
 from .tracking import check_tracker_names
 
 
@@ -84,8 +95,10 @@ class TaskRecipe:
         schema (`dict`, *optional*): schema options of the dataset, for training and evaluation alike:
             `bbox_format` (`"xywh"` COCO pixels, the default, or `"xyxy"`) for detection, `reduce_labels: true` for
             segmentation datasets whose id 0 means "unlabelled" (scene_parse_150).
-        labels (`list[str]`, *optional*): class names; read from the dataset's `ClassLabel` feature when not given.
-        head (`dict`, *optional*): extra fields of the model's task entry (`ignore_index`, `max_depth`, ...).
+        labels (`list[str]`, *optional*): class names (a non-empty list of distinct names); read from the dataset's
+            `ClassLabel` feature when not given.
+        head (`dict`, *optional*): extra fields of the model's task entry (`ignore_index`, `max_depth`,
+            `depth_scale`, ...; see `ModSquadConfig`); unknown keys are rejected.
         batch_size (`int`, *optional*, defaults to 32): training batch size per process.
         eval_batch_size (`int`, *optional*): evaluation batch size; defaults to `batch_size`.
         image_size (`int`, *optional*): training and evaluation resolution of this task (a multiple of the patch
@@ -121,11 +134,14 @@ class TaskRecipe:
     num_train_rows: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"task name must be a Python identifier, got {self.name!r}")
+        check_task_name(self.name, "task name")
+        where = f"tasks.{self.name}"
         if self.type is not None and self.type not in TASK_TYPES:
-            raise ValueError(f"task {self.name!r}: type={self.type!r}; accepted: {list(TASK_TYPES)}")
-        _check_positive_int(f"tasks.{self.name}.batch_size", self.batch_size)
+            raise ValueError(
+                f"{where}.type={self.type!r}; accepted: {list(TASK_TYPES)}{did_you_mean(self.type, TASK_TYPES)}"
+            )
+        check_number(f"{where}.batch_size", self.batch_size, minimum=1, integer=True)
+        # image_size may be left out: the starting checkpoint's resolution (224 from scratch).
         for key in (
             "image_size",
             "eval_batch_size",
@@ -133,12 +149,41 @@ class TaskRecipe:
             "max_eval_samples",
             "num_train_rows",
         ):
-            if getattr(self, key) is not None:
-                _check_positive_int(f"tasks.{self.name}.{key}", getattr(self, key))
-        if not isinstance(self.loss_weight, (int, float)) or self.loss_weight < 0:
-            raise ValueError(f"tasks.{self.name}.loss_weight must be a number >= 0, got {self.loss_weight!r}")
-        if not isinstance(self.dataset, dict):
-            raise ValueError(f"tasks.{self.name}.dataset must be a mapping, got {self.dataset!r}")
+            check_number(f"{where}.{key}", getattr(self, key), minimum=1, integer=True, optional=True)
+        check_number(f"{where}.loss_weight", self.loss_weight, minimum=0)
+        for key in ("dataset", "schema", "head"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{where}.{key} must be a mapping, got {getattr(self, key)!r}")
+        if self.columns is not None and not isinstance(self.columns, dict):
+            raise ValueError(f"{where}.columns must be a mapping of role: column, got {self.columns!r}")
+        if not isinstance(self.augment, dict):
+            check_bool(f"{where}.augment", self.augment)
+        if self.labels is not None:
+            labels = self.labels
+            if isinstance(labels, (str, dict)) or not isinstance(labels, list) or not labels:
+                raise ValueError(f"{where}.labels must be a non-empty list of class names, got {labels!r}")
+            duplicates = sorted({str(x) for x in labels if labels.count(x) > 1})
+            if duplicates:
+                raise ValueError(f"{where}.labels has duplicate class names {duplicates}")
+        for key in ("name", "type"):
+            if key in self.head:
+                raise ValueError(
+                    f"{where}.head.{key}: set the task's {key} in the task entry itself, not in head"
+                )
+        task_type = self.type or _demo_task_type(self)
+        if task_type is not None:
+            accepted = [k for k in accepted_task_keys(task_type) if k not in ("name", "type", "labels")]
+            reject_unknown_keys(self.head, accepted, f"{where}.head ({task_type})")
+
+
+def _demo_task_type(task: TaskRecipe) -> str | None:
+    """The task type of a task trained on the generated demo data (its recipe entry may leave `type` out)."""
+    if not task.dataset.get("demo"):
+        return None
+    from ..data.demo import demo_task_configs
+
+    types = {entry["name"]: entry["type"] for entry in demo_task_configs()}
+    return types.get(task.dataset.get("demo_task", task.name))
 
 
 @dataclass
@@ -171,21 +216,31 @@ class ModelRecipe:
     def __post_init__(self):
         if not isinstance(self.config, dict):
             raise ValueError(f"model.config must be a mapping of ModSquadConfig fields, got {self.config!r}")
-        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+        if "tasks" in self.config:
+            raise ValueError(
+                "model.config.tasks comes from the recipe's `tasks`; remove it from model.config"
+            )
+        # The values are checked when the config is built; a misspelt key would silently fall back to a default.
+        reject_unknown_keys(
+            self.config, ModSquadConfig.accepted_keys(), "model.config", shown="ModSquadConfig fields"
+        )
+        for key in ("pretrained", "experts_implementation"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"model.{key} must be a string, got {value!r}")
+        if self.pretrained is not None and not self.pretrained:
             raise ValueError(f"model.pretrained must be a folder or Hub id, got {self.pretrained!r}")
         if not isinstance(self.upcycling, dict):
             raise ValueError(f"model.upcycling must be a mapping, got {self.upcycling!r}")
-        unknown = sorted(set(self.upcycling) - set(UPCYCLING_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown keys {unknown} in model.upcycling; accepted: {list(UPCYCLING_OPTIONS)}"
-            )
+        reject_unknown_keys(self.upcycling, UPCYCLING_OPTIONS, "model.upcycling")
         mode = self.upcycling.get("mode", "copy")
         if mode not in UPCYCLING_MODES:
-            raise ValueError(f"model.upcycling.mode={mode!r}; accepted: {list(UPCYCLING_MODES)}")
-        std = self.upcycling.get("router_init_std")
-        if std is not None and (not isinstance(std, (int, float)) or isinstance(std, bool) or std < 0):
-            raise ValueError(f"model.upcycling.router_init_std must be a number >= 0, got {std!r}")
+            raise ValueError(
+                f"model.upcycling.mode={mode!r}; accepted: {list(UPCYCLING_MODES)}{did_you_mean(mode, UPCYCLING_MODES)}"
+            )
+        check_number(
+            "model.upcycling.router_init_std", self.upcycling.get("router_init_std"), minimum=0, optional=True
+        )
         if self.upcycling and not self.pretrained:
             raise ValueError(
                 "model.upcycling applies when model.pretrained names a dense ViT / DeiT / DINOv2 checkpoint; "
@@ -211,10 +266,8 @@ class MixingRecipe:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"mixing.strategy={self.strategy!r}; accepted: {list(STRATEGIES)}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ValueError(f"mixing.temperature must be a number > 0, got {self.temperature!r}")
-        if self.tasks_per_step is not None:
-            _check_positive_int("mixing.tasks_per_step", self.tasks_per_step)
+        check_number("mixing.temperature", self.temperature, minimum=0, exclusive_minimum=True)
+        check_number("mixing.tasks_per_step", self.tasks_per_step, minimum=1, integer=True, optional=True)
 
 
 @dataclass
@@ -259,23 +312,29 @@ class OptimizationRecipe:
             raise ValueError(
                 f"optimization.loss_weighting={self.loss_weighting!r}; accepted: {list(LOSS_WEIGHTINGS)}"
             )
-        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
-            raise ValueError(f"optimization.learning_rate must be a number > 0, got {self.learning_rate!r}")
-        rate = self.backbone_learning_rate
-        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
-            raise ValueError(f"optimization.backbone_learning_rate must be a number > 0, got {rate!r}")
-        decay = self.layer_decay
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay <= 1:
-            raise ValueError(f"optimization.layer_decay must be a number in (0, 1], got {decay!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(
-                f"optimization.warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1], got "
-                f"{self.warmup_ratio!r} and {self.min_lr_ratio!r}"
-            )
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"optimization.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        check_number("optimization.learning_rate", self.learning_rate, minimum=0, exclusive_minimum=True)
+        check_number(
+            "optimization.backbone_learning_rate",
+            self.backbone_learning_rate,
+            minimum=0,
+            exclusive_minimum=True,
+            optional=True,
+        )
+        check_number(
+            "optimization.layer_decay", self.layer_decay, minimum=0, maximum=1, exclusive_minimum=True
+        )
+        check_number("optimization.weight_decay", self.weight_decay, minimum=0)
+        check_number("optimization.warmup_steps", self.warmup_steps, minimum=0, integer=True)
+        check_number(
+            "optimization.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1, exclusive_maximum=True
+        )
+        check_number("optimization.min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        # A negative norm would flip the gradient's sign inside clip_grad_norm_: training would climb the loss.
+        check_number("optimization.max_grad_norm", self.max_grad_norm, minimum=0, optional=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ValueError(f"optimization.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for index, beta in enumerate(self.betas):
+            check_number(f"optimization.betas[{index}]", beta, minimum=0, maximum=1, exclusive_maximum=True)
 
 
 @dataclass
@@ -304,13 +363,19 @@ class LoopRecipe:
             `"clearml"`, `"dvclive"`, `"swanlab"`), `"all"` (every installed one) or `"none"`.
         num_workers (`int`, *optional*, defaults to 0): DataLoader workers per task.
         find_unused_parameters (`bool`, *optional*): DDP's flag; by default on exactly when the mixing strategy
-            can leave a task (hence its head) out of a step.
+            can leave a task (hence its head) out of a step, or when every task has a dense head (which leaves the
+            backbone's final norm unused).
         usage_ema_decay (`float`, *optional*, defaults to 0.99): decay of the per-task expert-usage EMA.
         save_final_model (`bool`, *optional*, defaults to `True`): write `final/` with `save_pretrained`.
         max_minutes (`float`, *optional*): wall-clock budget of the training steps (this run's, after a resume).
             After the first steps the schedule is fitted to the steps the budget holds, and training stops before
             a step would end past it; evaluation and saving follow as for a finished run (see
             `modsquad.training.budget`).
+        max_bad_rows (`int`, *optional*, defaults to 100): training rows of one task that may be skipped because
+            they cannot be read or cannot be right (an image that does not decode or is empty, non-finite pixels,
+            annotations out of range); each is replaced by the next readable row and reported with its row index.
+            One more stops the run with the first errors. `0` makes every bad row fatal. Ten bad rows in a row stop
+            the run at once (the dataset or its options are wrong, not a row).
     """
 
     max_steps: int | None = None
@@ -329,36 +394,39 @@ class LoopRecipe:
     usage_ema_decay: float = 0.99
     save_final_model: bool = True
     max_minutes: float | None = None
+    max_bad_rows: int = 100
 
     def __post_init__(self):
-        if self.max_minutes is not None and (
-            isinstance(self.max_minutes, bool)
-            or not isinstance(self.max_minutes, (int, float))
-            or self.max_minutes <= 0
-        ):
-            raise ValueError(
-                f"training.max_minutes must be a number > 0 (or null: no budget), got {self.max_minutes!r}"
-            )
-        if self.max_steps is not None:
-            _check_positive_int("training.max_steps", self.max_steps)
-        elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:
-            raise ValueError(f"training.num_epochs must be a number > 0, got {self.num_epochs!r}")
-        if self.gradient_accumulation_steps is not None:
-            _check_positive_int("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _check_positive_int("training.log_every", self.log_every)
-        _check_positive_int("training.keep_last", self.keep_last)
-        for key in ("eval_every", "save_every", "num_workers"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"training.{key} must be an int >= 0, got {value!r}")
+        check_number(
+            "training.max_minutes", self.max_minutes, minimum=0, exclusive_minimum=True, optional=True
+        )
+        check_number("training.max_steps", self.max_steps, minimum=1, integer=True, optional=True)
+        check_number("training.num_epochs", self.num_epochs, minimum=0, exclusive_minimum=True)
+        # gradient_accumulation_steps may be left unset: the launcher's setting wins then.
+        check_number(
+            "training.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            minimum=1,
+            integer=True,
+            optional=True,
+        )
+        for key in ("log_every", "keep_last"):
+            check_number(f"training.{key}", getattr(self, key), minimum=1, integer=True)
+        for key in ("eval_every", "save_every", "num_workers", "max_bad_rows"):
+            check_number(f"training.{key}", getattr(self, key), minimum=0, integer=True)
+        for key in ("cpu", "eval_at_end", "save_final_model"):
+            check_bool(f"training.{key}", getattr(self, key))
+        if self.find_unused_parameters is not None:
+            check_bool("training.find_unused_parameters", self.find_unused_parameters)
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(
                 f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)} (or leave "
                 "it unset: the launcher's setting)"
             )
         check_tracker_names(self.tracker)
-        if not 0.0 <= self.usage_ema_decay < 1.0:
-            raise ValueError(f"training.usage_ema_decay must be in [0, 1), got {self.usage_ema_decay!r}")
+        check_number(
+            "training.usage_ema_decay", self.usage_ema_decay, minimum=0, maximum=1, exclusive_maximum=True
+        )
 
 
 @dataclass
@@ -371,7 +439,12 @@ class TrainingRecipe:
         output_dir (`str`, *optional*, defaults to `"runs/modsquad"`): run folder (checkpoints, logs, final model).
         seed (`int`, *optional*, defaults to 0): seed of the model init, the data order and the task draws.
         model, mixing, optimization, training: the sections above.
-        resume (`str`, *optional*): checkpoint folder to resume from, or `"latest"` (newest in `output_dir`).
+        resume (`str`, *optional*): checkpoint folder to resume from, or `"latest"` (newest in `output_dir`). The
+            checkpoint is verified first (every file's SHA-256); the recipe may differ from the one it was taken with
+            only in `RESUMABLE_KEYS` (length, logging, evaluation, checkpointing), other changes are refused.
+        overwrite (`bool`, *optional*, defaults to `False`): start afresh in an `output_dir` that already holds a run,
+            deleting that run's checkpoints, logs and final model first. Without it (or `resume`) such a folder is
+            refused, so that a run is never mixed with or silently replaced by another.
     """
 
     tasks: list[TaskRecipe]
@@ -382,10 +455,23 @@ class TrainingRecipe:
     optimization: OptimizationRecipe = field(default_factory=OptimizationRecipe)
     training: LoopRecipe = field(default_factory=LoopRecipe)
     resume: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self):
         if not self.tasks:
             raise ValueError("a recipe needs at least one task under `tasks`")
+        # numpy seeds its generators with 32-bit unsigned ints.
+        check_number("seed", self.seed, minimum=0, maximum=2**32 - 1, integer=True)
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise ValueError(f"output_dir must be a folder path, got {self.output_dir!r}")
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume.strip()):
+            raise ValueError(f"resume must be 'latest' or a checkpoint folder, got {self.resume!r}")
+        check_bool("overwrite", self.overwrite)
+        if self.overwrite and self.resume is not None:
+            raise ValueError(
+                f"overwrite=true and resume={self.resume!r} contradict each other: resume continues the run in "
+                f"{self.output_dir!r}, overwrite deletes it; pass one of them"
+            )
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
@@ -416,30 +502,25 @@ class TrainingRecipe:
         kwargs: dict[str, Any] = {
             "tasks": [_build(TaskRecipe, t, f"tasks[{i}]") for i, t in enumerate(tasks)]
         }
+        scalars = ("output_dir", "seed", "resume", "overwrite")
+        reject_unknown_keys(data, ["tasks", *scalars, *sections], "recipe")
         for key, value in data.items():
             if key in sections:
                 kwargs[key] = _build(sections[key], value or {}, key)
-            elif key in ("output_dir", "seed", "resume"):
-                kwargs[key] = value
             else:
-                accepted = ["tasks", "output_dir", "seed", "resume", *sections]
-                raise ValueError(f"unknown recipe key {key!r}; accepted: {accepted}")
+                kwargs[key] = value
         return cls(**kwargs)
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"recipe section {where} must be a mapping, got {values!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in {where}; accepted: {names}")
+    if cls is TaskRecipe and isinstance(values.get("name"), str):
+        where = f"tasks.{values['name']}"
+    reject_unknown_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+    if cls is TaskRecipe and "name" not in values:
+        raise ValueError(f"{where} needs a `name`")
     return cls(**values)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -490,6 +571,74 @@ def _list_index(items: list, key: str, where: str) -> int:
     )
 
 
+# Recipe keys whose change a resumed run honours (`*` matches a task name); the checkpoint fixes every other one.
+# The loop's length, logging, evaluation and checkpointing can change; what the optimizer state, the data order and
+# the model depend on cannot.
+RESUMABLE_KEYS = (
+    "output_dir",
+    "resume",
+    "overwrite",
+    "training.max_steps",
+    "training.num_epochs",
+    "training.log_every",
+    "training.eval_every",
+    "training.eval_at_end",
+    "training.save_every",
+    "training.keep_last",
+    "training.tracker",
+    "training.num_workers",
+    "training.cpu",
+    "training.find_unused_parameters",
+    "training.save_final_model",
+    "training.max_bad_rows",
+    "tasks.*.eval_split",
+    "tasks.*.eval_batch_size",
+    "tasks.*.max_eval_samples",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A recipe dict as `{dotted.key: value}`; the task list is keyed by task name (`tasks.<name>.<key>`)."""
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, child in value.items():
+            flat.update(_flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+        return flat or {prefix: {}}
+    if (
+        prefix == "tasks"
+        and isinstance(value, list)
+        and all(isinstance(t, dict) and "name" in t for t in value)
+    ):
+        flat = {"tasks": [t["name"] for t in value]}
+        for task in value:
+            flat.update(_flatten({k: v for k, v in task.items() if k != "name"}, f"tasks.{task['name']}"))
+        return flat
+    return {prefix: value}
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What changed between the recipe a checkpoint was taken with and the recipe of the run resuming it.
+
+    Args:
+        saved (`dict`): `TrainingRecipe.to_dict()` of the run that wrote the checkpoint.
+        current (`dict`): `TrainingRecipe.to_dict()` of the resuming run.
+
+    Returns:
+        `(honoured, refused)`: lines `key: old -> new`, split by whether `RESUMABLE_KEYS` allows the change.
+    """
+    # Through JSON, so tuples and lists (and int and float spellings of one number) compare alike.
+    old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    honoured, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if before == after:
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        resumable = any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
+        (honoured if resumable else refused).append(line)
+    return honoured, refused
+
+
 def load_recipe(
     path: str | Path | None = None, overrides: list[str] | None = None, **data: Any
 ) -> TrainingRecipe:
@@ -506,7 +655,8 @@ def load_recipe(
     raw: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
-            raise ValueError(f"recipe file {str(path)!r} does not exist")
+            state = "is a folder, not a YAML file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"recipe file {str(path)!r} {state}")
         raw = parse_yaml(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"recipe file {str(path)!r} must hold a mapping at the top level")
@@ -539,6 +689,7 @@ def required_values(node: Any, prefix: str = "") -> list[str]:
 
 
 __all__ = [
+    "RESUMABLE_KEYS",
     "LoopRecipe",
     "MixingRecipe",
     "ModelRecipe",
@@ -547,5 +698,6 @@ __all__ = [
     "TrainingRecipe",
     "apply_overrides",
     "load_recipe",
+    "recipe_changes",
     "required_values",
 ]

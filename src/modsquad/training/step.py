@@ -109,6 +109,32 @@ class RoutingStatistics:
         return -self.mutual_information()
 
 
+def global_loss_scales(counts: torch.Tensor, world_size: int) -> torch.Tensor:
+    r"""
+    Factors that turn per-process task losses into shares of the loss of the global batch.
+
+    A head's loss is an average over what its batch holds (images, labelled pixels, boxes: its `loss_count`), so on
+    each process it is normalised by the *local* count, and DDP's gradient averaging then weighs a process with few
+    boxes or labelled pixels like one with many: a two-process run would not equal one process on the same global
+    batch. Multiplying each micro-batch's loss by `max(local count, 1) * world_size / max(global count, 1)` makes the
+    averaged gradient exactly that of the global batch's loss. One process: all ones, no communication.
+
+    Args:
+        counts (`torch.Tensor` of shape `(num_micro_batches,)`): this process's `loss_count` of each micro-batch of
+            the step (the same micro-batch layout on every process: the mixer draws the same tasks everywhere).
+        world_size (`int`): data-parallel processes.
+
+    Returns:
+        `torch.Tensor` of shape `(num_micro_batches,)`.
+    """
+    counts = counts.float()
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.ones_like(counts)
+    total = counts.clone()
+    dist.all_reduce(total)
+    return counts.clamp_min(1.0) * world_size / total.clamp_min(1.0)
+
+
 class TaskLossWeighting(nn.Module):
     r"""
     Per-task loss weights: fixed, or learned homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, 2018).
@@ -161,7 +187,9 @@ class MultiTaskStepOutput(ModelOutput):
             `mi_loss_coef * world_size * mi_loss` (scaled so that DDP's gradient averaging yields the gradient of the
             global mutual information).
         task_losses (`torch.FloatTensor` of shape `(num_tasks,)`): detached sum of each task's losses (task loss
-            without the auxiliary loss) over its micro-batches of this step.
+            without the auxiliary loss) over its micro-batches of this step; under several processes each is this
+            process's share of the global batch's loss (see [`global_loss_scales`]), so their mean over processes is
+            the global loss.
         task_counts (`torch.FloatTensor` of shape `(num_tasks,)`): micro-batches of each task in this step.
         aux_loss (`torch.FloatTensor`): detached sum of the per-batch auxiliary router losses.
         mi_loss (`torch.FloatTensor`): detached `-I(T;E)` of the step, over every process (0 with fewer than two tasks).
@@ -229,11 +257,21 @@ class MultiTaskStep(nn.Module):
         aux_total = torch.zeros((), device=device)
         expert_counts: list[torch.Tensor] | None = None
         for task, batch in micro_batches:
-            task_id = config.task_index(task)
             if "pixel_values" not in batch or "labels" not in batch:
                 raise ValueError(
                     f"task {task!r}: a batch needs 'pixel_values' and 'labels', got keys {sorted(batch)}"
                 )
+        scales = global_loss_scales(
+            torch.stack(
+                [
+                    self.model.heads[config.task_names[config.task_index(task)]].loss_count(batch["labels"])
+                    for task, batch in micro_batches
+                ]
+            ).to(device),
+            self.world_size,
+        )
+        for (task, batch), scale in zip(micro_batches, scales):
+            task_id = config.task_index(task)
             # The routing tensors (and the aux loss inside `loss`) are asked for explicitly: they are off by default.
             out = self.model(
                 pixel_values=batch["pixel_values"],
@@ -242,8 +280,9 @@ class MultiTaskStep(nn.Module):
                 output_router_logits=True,
             )
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
-            # The head's loss already includes the batch's aux loss; weight only the task part.
-            task_loss = out.loss - aux
+            # The head's loss already includes the batch's aux loss; weight only the task part, normalised over
+            # the global batch (see `global_loss_scales`).
+            task_loss = (out.loss - aux) * scale
             total = total + self.weighting(task_id, task_loss) + aux
             task_losses[task_id] += task_loss.detach().float()
             task_counts[task_id] += 1
@@ -287,4 +326,10 @@ def _add_expert_counts(
     return counts
 
 
-__all__ = ["MultiTaskStep", "MultiTaskStepOutput", "RoutingStatistics", "TaskLossWeighting"]
+__all__ = [
+    "MultiTaskStep",
+    "MultiTaskStepOutput",
+    "RoutingStatistics",
+    "TaskLossWeighting",
+    "global_loss_scales",
+]

@@ -18,6 +18,7 @@ from ..data.batching import AdaptedDataset, AdaptedStreamRows
 from ..data.demo import demo_task_configs, make_demo_datasets
 from ..data.loading import load_task_dataset
 from ..data.mixing import epoch_seed
+from ..hub.locations import check_path_or_repo_id
 from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModSquadConfig
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from ..model.modeling_multitask import ModSquadForMultiTask
@@ -195,7 +196,13 @@ def class_names(dataset: Any, task_type: str, columns: dict[str, str] | None = N
 
 
 def make_train_loader(
-    dataset: Any, adapter: TaskDataAdapter, batch_size: int, num_workers: int, seed: int, task_index: int
+    dataset: Any,
+    adapter: TaskDataAdapter,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    task_index: int,
+    skip_bad_rows: bool = False,
 ):
     """The `make_loader(rows, epoch)` of a [`TaskStream`] (map-style `dataset`) or a [`StreamingTaskStream`]
     (streamed `dataset`): a DataLoader over the adapted rows `rows`, in order.
@@ -203,7 +210,9 @@ def make_train_loader(
     Each row's augmentation is seeded by `(epoch seed, row index)` (what `AdaptedDataset` does with a `(row, seed)`
     key) or, for a stream, by `(epoch seed, process, position in its pass)`, never by its position in the loader, so
     a run resumed mid-epoch augments exactly as the uninterrupted one. A stream's rows are read in the main process
-    and decoded and augmented in the workers.
+    and decoded and augmented in the workers. With `skip_bad_rows`, a row of a map-style dataset that cannot be used
+    is replaced by the next good one and reported in the batch's `skipped_rows` (the trainer counts them against
+    `training.max_bad_rows`).
     """
     if is_stream(dataset):
         stream_rows_adapted = AdaptedStreamRows(dataset.features, adapter)
@@ -221,7 +230,7 @@ def make_train_loader(
 
         return make_stream_loader
 
-    adapted = AdaptedDataset(dataset, adapter)
+    adapted = AdaptedDataset(dataset, adapter, skip_bad_rows=skip_bad_rows)
 
     def make_loader(rows: list[int], epoch: int) -> Iterable:
         seed_of_epoch = epoch_seed(seed, task_index, epoch)
@@ -269,7 +278,13 @@ def build_task_data(
                 name=task.name,
                 train_dataset=train,
                 make_loader=make_train_loader(
-                    train, adapter, task.batch_size, recipe.training.num_workers, recipe.seed, index
+                    train,
+                    adapter,
+                    task.batch_size,
+                    recipe.training.num_workers,
+                    recipe.seed,
+                    index,
+                    skip_bad_rows=recipe.training.max_bad_rows > 0,
                 ),
                 batch_size=task.batch_size,
                 eval_dataset=evaluation,
@@ -304,20 +319,22 @@ def build_model(
     options = {}
     if recipe.model.experts_implementation is not None:
         options["experts_implementation"] = recipe.model.experts_implementation
-    if "tasks" in recipe.model.config:
-        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
     if start.is_dense:
         return _upcycled_model(recipe, entries)
     if recipe.model.pretrained:
-        model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
+        pretrained = check_path_or_repo_id(recipe.model.pretrained, "model.pretrained")
+        model = ModSquadForMultiTask.from_pretrained(pretrained, **options)
         if model.config.task_names != [e["name"] for e in entries]:
             raise ValueError(
                 f"the pretrained model has tasks {model.config.task_names}, the recipe {[e['name'] for e in entries]}"
             )
+        _check_task_resolutions(recipe, model.config.patch_size)
         return model
     fields = dict(recipe.model.config)
     fields.setdefault("image_size", max(start.image_size(task) for task in recipe.tasks))
-    model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
+    config = ModSquadConfig(tasks=entries, **fields)
+    _check_task_resolutions(recipe, config.patch_size)
+    model = ModSquadForMultiTask(config)
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
     return model
@@ -338,6 +355,16 @@ def _upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> Mo
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
     return model
+
+
+def _check_task_resolutions(recipe: TrainingRecipe, patch_size: int) -> None:
+    """Every task's resolution must be whole patches: the patch embedding would silently drop the remainder."""
+    for task in recipe.tasks:
+        if task.image_size is not None and task.image_size % patch_size:
+            raise ValueError(
+                f"tasks.{task.name}.image_size={task.image_size} is not a multiple of the model's patch_size="
+                f"{patch_size}; use e.g. {max(patch_size, round(task.image_size / patch_size) * patch_size)}"
+            )
 
 
 __all__ = [

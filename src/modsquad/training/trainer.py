@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from accelerate.utils import (
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..data.batching import BadRowError
 from ..data.mixing import MultiTaskMixer, StreamingTaskStream, TaskStream
+from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -55,11 +58,15 @@ from ..run_folder import (
 )
 from .budget import ESTIMATE_AFTER_STEPS, StepClock, TimeEstimate
 from .checkpointing import (
-    COMPLETE_MARKER,
+    CheckpointedState,
     StopOnSignal,
+    check_run_folder,
     checkpoint_path,
+    clear_run,
+    load_checkpoint,
     prune_checkpoints,
-    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
 )
 from .param_groups import group_learning_rates, learning_rate_groups
 from .recipe import TrainingRecipe
@@ -102,6 +109,11 @@ class TrainResult:
     out_of_time: bool = False
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite (outside fp16's skipped steps); the message names the step, the task
+    losses and the last checkpoint."""
+
+
 class TrainerState:
     """Loop state saved in checkpoints next to Accelerate's own: the optimizer step and the per-task EMA of expert
     usage (fraction of each task's top-k selections that went to each expert, per router), all-reduced over
@@ -113,6 +125,9 @@ class TrainerState:
         self.num_tasks = num_tasks
         self.usage_ema: list[torch.Tensor] | None = None  # per router: (num_tasks, num_experts)
         self.usage_seen = torch.zeros(num_tasks, dtype=torch.bool)
+        self.bad_rows: dict[
+            str, int
+        ] = {}  # per task: training rows skipped on this process (see `note_bad_rows`)
 
     def update_usage(self, counts: list[torch.Tensor]) -> None:
         if self.usage_ema is None:
@@ -130,12 +145,38 @@ class TrainerState:
         self.usage_seen |= torch.stack([c.sum(dim=1) > 0 for c in counts]).any(dim=0).cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "usage_ema": self.usage_ema, "usage_seen": self.usage_seen}
+        return {
+            "step": self.step,
+            "usage_ema": self.usage_ema,
+            "usage_seen": self.usage_seen,
+            "bad_rows": dict(self.bad_rows),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.usage_ema = state["usage_ema"]
         self.usage_seen = state["usage_seen"]
+        self.bad_rows = dict(state.get("bad_rows", {}))
+
+    def note_bad_rows(
+        self, micro_batches: list[tuple[str, dict]], max_bad_rows: int, process: str = ""
+    ) -> None:
+        """Takes the `skipped_rows` the loaders reported out of the step's batches, warns about each (naming the
+        task, the row and why) and raises once a task has skipped more than `max_bad_rows` rows."""
+        for task, batch in micro_batches:
+            skipped = batch.pop("skipped_rows", None) if isinstance(batch, dict) else None
+            for _, reason in skipped or ():
+                self.bad_rows[task] = self.bad_rows.get(task, 0) + 1
+                print(
+                    f"warning{process}: skipped a bad training row ({reason}); replaced by the next good row",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if self.bad_rows[task] > max_bad_rows:
+                    raise BadRowError(
+                        f"task {task!r} has skipped {self.bad_rows[task]} bad training rows, more than "
+                        f"training.max_bad_rows={max_bad_rows}; the last: {reason}"
+                    )
 
 
 class StepSums:
@@ -315,16 +356,22 @@ def resolve_gradient_accumulation(requested: int | None) -> int:
     return int(value)
 
 
-def build_accelerator(recipe: TrainingRecipe) -> Accelerator:
+def build_accelerator(recipe: TrainingRecipe, model: ModSquadForMultiTask | None = None) -> Accelerator:
     """The run's `Accelerator`. Settings the recipe leaves unset (mixed precision, gradient accumulation, the
-    device) are Accelerate's own: what `accelerate launch` flags or `accelerate config` say."""
+    device) are Accelerate's own: what `accelerate launch` flags or `accelerate config` say. `model` (the model to
+    train) decides DDP's `find_unused_parameters` when the recipe leaves it unset."""
     loop = recipe.training
     output_dir = Path(recipe.output_dir)
     cpu = use_cpu(loop.cpu)
     find_unused = loop.find_unused_parameters
     if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt"
+        # Sampling strategies may leave a task, hence its head, out of a step; and when every head is a dense one
+        # that reads intermediate blocks only, the backbone's final norm is never used: let DDP skip them.
+        final_norm_unused = model is not None and (
+            all(task_head_class(t["type"]).needs_hidden_states for t in model.config.tasks)
+            and model.config.num_hidden_layers - 1 not in model.config.feature_layers
+        )
+        find_unused = recipe.mixing.strategy != "simt" or final_norm_unused
     return Accelerator(
         cpu=cpu,
         mixed_precision=resolve_mixed_precision(loop.mixed_precision, cpu),
@@ -413,11 +460,13 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# Tensors of the replica check's all-gather, kept for the life of the process. gloo's worker threads hold the last
-# collectives they ran until the process group is torn down; if those still point at tensors Python has dropped,
-# freeing them there needs the GIL, which the tearing-down main thread holds: a deadlock that now and then hung a
-# finished multi-process run. Tensors Python still references are freed without the GIL.
-_GATHER_BUFFERS: list[torch.Tensor] = []
+# The data-parallel wrappers of this process's runs, never freed. Freeing one frees its reducer and with it the gloo
+# process group, whose destructor joins gloo's worker threads while holding the GIL; a worker still destroying the
+# last collectives (their tensors came from Python, so releasing them needs the GIL) then waits for it forever: a
+# finished multi-process run hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in
+# `~AsyncAllgatherWork`). Kept alive, the group is never torn down: the command line ends such a process with
+# `os._exit` once everything is written (`modsquad.cli.exit_process`).
+_LIVE_WRAPPERS: list[torch.nn.Module] = []
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -428,8 +477,37 @@ def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) 
     local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
     gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather(gathered, local)
-    _GATHER_BUFFERS.extend([local, *gathered])
     return [bytes(tensor.cpu().tolist()).hex() for tensor in gathered]
+
+
+def next_micro_batches(
+    accelerator: Accelerator, mixer: MultiTaskMixer, state: TrainerState, max_bad_rows: int, process_tag: str
+) -> list[tuple[str, dict]]:
+    """The next step's micro-batches, with their skipped rows counted (see [`TrainerState.note_bad_rows`]).
+
+    Bad data stops one process only (its shard holds the bad rows), and the others would then wait for it in the
+    step's collectives until the process group times out. With several processes, every process says whether its
+    data failed (one small all-reduce) and all stop together: the failing one with its error, the others naming it.
+    """
+    error: Exception | None = None
+    batches: list[tuple[str, dict]] = []
+    try:
+        batches = mixer.next_step()
+        state.note_bad_rows(batches, max_bad_rows, process_tag)
+    except (ValueError, OSError) as exc:  # BadRowError and the loaders' own checks
+        error = exc
+    if accelerator.num_processes > 1:
+        flags = torch.zeros(accelerator.num_processes, device=accelerator.device)
+        flags[accelerator.process_index] = 1.0 if error is not None else 0.0
+        failed = accelerator.reduce(flags, reduction="sum").cpu()
+        if error is None and bool(failed.any()):
+            ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+            raise BadRowError(
+                f"the training data of process(es) {ranks} failed (see their error); stopping too"
+            )
+    if error is not None:
+        raise error
+    return batches
 
 
 def _read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -466,7 +544,7 @@ def train(
     """
     loop, optim = recipe.training, recipe.optimization
     output_dir = Path(recipe.output_dir)
-    accelerator = build_accelerator(recipe)
+    accelerator = build_accelerator(recipe, model)
     set_seed(recipe.seed)  # the same data order and training noise on every process
     if [t.name for t in tasks] != model.config.task_names:
         raise ValueError(
@@ -494,20 +572,38 @@ def train(
     # The schedule counts optimizer steps and is stepped by hand: a prepared scheduler would step once per process.
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    if accelerator.num_processes > 1:
+        _LIVE_WRAPPERS.append(step_module)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
-    accelerator.register_for_checkpointing(scheduler, mixer, state)
+    # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
+    # objects here to checkpoint them too.
+    loop_state = CheckpointedState()
+    loop_state.register("trainer_state", state)
+    loop_state.register("lr_scheduler", scheduler)
+    loop_state.register("mixer", mixer)
 
     log_path = output_dir / TRAINING_LOG
-    resume_from = resolve_resume(recipe.resume, output_dir)
+    # Every process decides from the folder as it is, before anything is written to it.
+    resume_from = check_run_folder(output_dir, recipe.resume, recipe.overwrite)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        verify_checkpoint(resume_from, accelerator.num_processes, recipe.to_dict(), log=accelerator.print)
+    accelerator.wait_for_everyone()
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, loop_state)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
+        if recipe.overwrite:
+            removed = clear_run(output_dir)
+            if removed:
+                accelerator.print(
+                    f"--overwrite: deleted the earlier run's {', '.join(p.name for p in removed)}"
+                )
         output_dir.mkdir(parents=True, exist_ok=True)
         recipe.to_yaml(output_dir / RECIPE_FILE)
         # Steps after the checkpoint are trained again: forget what the interrupted run logged for them.
         kept = _read_history(log_path, state.step)
         log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    accelerator.wait_for_everyone()
     if accelerator.log_with:
         hparams = _flat_hparams(recipe, max_steps, mixer.steps_per_epoch)
         # What the run actually used, wherever it was decided (recipe, launcher, `accelerate config`).
@@ -535,18 +631,24 @@ def train(
     task_names = model.config.task_names
     coef = model.config.mi_loss_coef
 
-    def save_checkpoint() -> Path:
-        folder = checkpoint_path(output_dir, state.step)
-        # Each process's place in its share of a streamed task: the main process saves them all.
+    def checkpoint() -> Path:
+        # Each process's place in its share of a streamed task: a collective, so every process runs it; the main
+        # process then saves them all with the mixer's state.
         mixer.gather_stream_states(gather_object)
-        accelerator.save_state(str(folder))
-        accelerator.wait_for_everyone()
+        folder = save_checkpoint(
+            accelerator,
+            checkpoint_path(output_dir, state.step),
+            loop_state,
+            step=state.step,
+            max_steps=max_steps,
+            recipe=recipe.to_dict(),
+        )
         if accelerator.is_main_process:
-            (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.step, "max_steps": max_steps}))
             prune_checkpoints(output_dir, loop.keep_last)
         accelerator.wait_for_everyone()
         return folder
 
+    process_tag = f" [process {accelerator.process_index}]" if accelerator.num_processes > 1 else ""
     step_module.train()
     progress = tqdm(
         total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
@@ -556,7 +658,8 @@ def train(
         while state.step < planned_steps:
             sums = StepSums(accelerator.num_processes * accumulation)
             for _ in range(accumulation):
-                micro_batches = send_to_device(mixer.next_step(), accelerator.device)
+                micro_batches = next_micro_batches(accelerator, mixer, state, loop.max_bad_rows, process_tag)
+                micro_batches = send_to_device(micro_batches, accelerator.device)
                 with accelerator.accumulate(step_module):
                     out = step_module(micro_batches)
                     accelerator.backward(out.loss)
@@ -600,6 +703,15 @@ def train(
                 planned_steps = min(
                     planned_steps, state.step
                 )  # this step is the last; the run ends as finished
+            # fp16's scaler skips steps with overflowing gradients by design; any other non-finite loss has already
+            # spoilt the weights: stop (every process sees the same reduced loss) rather than train on NaN.
+            if not math.isfinite(reduced["loss"]) and not accelerator.optimizer_step_was_skipped:
+                losses = dict(zip(task_names, reduced["task_losses"]))
+                raise TrainingDivergedError(
+                    f"step {state.step}: the loss is {reduced['loss']} (task losses {losses}, aux "
+                    f"{reduced['aux_loss']}); training diverged (learning rate, loss weights or data). The last "
+                    f"checkpoint is {last_checkpoint or 'none'}"
+                )
             # A signal during the last step changes nothing: the run is finishing anyway.
             stop_everywhere = stopped_anywhere and state.step < planned_steps
             if reduced["usage"]:
@@ -639,7 +751,7 @@ def train(
                     accelerator.log(_flat_metrics(metrics), step=state.step)
                 accelerator.wait_for_everyone()
             if stop_everywhere or (loop.save_every and state.step % loop.save_every == 0):
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = checkpoint()
             if stop_everywhere:
                 progress.close()
                 accelerator.print(
@@ -657,7 +769,7 @@ def train(
         )
 
     if loop.save_every and state.step % loop.save_every:
-        last_checkpoint = save_checkpoint()
+        last_checkpoint = checkpoint()
     final_dir = None
     unwrapped = accelerator.unwrap_model(step_module)
     # Data-parallel replicas must end bit-identical; checking costs one hash per process and catches silent desyncs.
@@ -747,6 +859,7 @@ def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int |
 __all__ = [
     "TrainResult",
     "TrainerState",
+    "TrainingDivergedError",
     "build_accelerator",
     "build_mixer",
     "build_optimizer",
