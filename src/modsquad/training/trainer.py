@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 
 from ..data.batching import BadRowError
 from ..data.mixing import MultiTaskMixer, StreamingTaskStream, TaskStream
-from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -367,9 +366,9 @@ def build_accelerator(recipe: TrainingRecipe, model: ModSquadForMultiTask | None
     if find_unused is None:
         # Sampling strategies may leave a task, hence its head, out of a step; and when every head is a dense one
         # that reads intermediate blocks only, the backbone's final norm is never used: let DDP skip them.
-        final_norm_unused = model is not None and (
-            all(task_head_class(t["type"]).needs_hidden_states for t in model.config.tasks)
-            and model.config.num_hidden_layers - 1 not in model.config.feature_layers
+        final_norm_unused = model is not None and not any(
+            not head.hidden_state_indices or model.config.num_hidden_layers - 1 in model.config.feature_layers
+            for head in model.heads.values()
         )
         find_unused = recipe.mixing.strategy != "simt" or final_norm_unused
     return Accelerator(
