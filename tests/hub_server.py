@@ -113,6 +113,10 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.requests: list[str] = []  # "METHOD path" of every request, for tests to look at
+        self.committed: list[str] = []  # repo id of every accepted commit, in order
+        # Commits to these repos are refused (403, as for a namespace the token may not write to; a 5xx would be
+        # retried by huggingface_hub for a while).
+        self.failing_repos: set[str] = set()
 
     def commit(self, repo: Repo, changes: dict[str, bytes | None], message: str) -> str:
         for path, data in changes.items():
@@ -283,6 +287,11 @@ class HubHandler(BaseHTTPRequestHandler):
         return self._error(405, "MethodNotAllowed", f"{method} {action}")
 
     def _commit(self, repo_id: str, repo: Repo):
+        if repo_id in self.state.failing_repos:
+            self._body()
+            return self._error(
+                403, "Forbidden", f"no write access to {repo_id} (test server told to refuse it)"
+            )
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line["key"] == "header"), {})
         changes: dict[str, bytes | None] = {}
@@ -302,6 +311,7 @@ class HubHandler(BaseHTTPRequestHandler):
             if path == "README.md" and data is not None and validate_card(data.decode()):
                 return self._error(400, "BadRequest", "; ".join(validate_card(data.decode())))
         sha = self.state.commit(repo, changes, header.get("summary", ""))
+        self.state.committed.append(repo_id)
         url = f"http://{self.headers['Host']}/{repo_id}"
         self._json(200, {"commitUrl": f"{url}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 

@@ -4,13 +4,13 @@ is finished by running it again."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
+from huggingface_hub import HfApi
 
+from hub_server import running_hub
 from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmentation, ModSquadImageProcessor
 from modsquad.cli import main
 from modsquad.hub.push import PushError, code_files, plan_folder, push_run
@@ -33,41 +33,24 @@ def pruned_run(tmp_path_factory):
     return run
 
 
-@dataclass
-class Entry:
-    path: str
-    blob_id: str
-    lfs: None = None
+TOKEN = "hf_modsquad_test_token"
 
 
-class FakeHub:
-    """An in-memory stand-in for `HfApi` (create_repo, upload_folder, list_repo_tree) that can fail an upload."""
-
-    def __init__(self, fail_on: str | None = None):
-        self.repos: dict[str, dict[str, bytes]] = {}
-        self.fail_on = fail_on
-        self.uploads: list[str] = []
-
-    def create_repo(self, repo_id, private=None, exist_ok=False):
-        self.repos.setdefault(repo_id, {})
-
-    def upload_folder(self, repo_id, folder_path, commit_message=""):
-        if repo_id == self.fail_on:
-            raise ConnectionError("connection reset by peer")
-        self.uploads.append(repo_id)
-        for path in Path(folder_path).iterdir():
-            self.repos[repo_id][path.name] = path.read_bytes()
-
-    def list_repo_tree(self, repo_id, recursive=False):
-        if repo_id not in self.repos:
-            raise FileNotFoundError(repo_id)
-        return [
-            Entry(name, hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
-            for name, data in self.repos[repo_id].items()
-        ]
+@pytest.fixture(name="hub")
+def hub_fixture(monkeypatch):
+    """A local Hub-compatible server (tests/hub_server.py) and an `HfApi` client of it (online: the suite runs with
+    HF_HUB_OFFLINE=1, which huggingface_hub reads once, at import)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with running_hub(TOKEN) as hub:
+        yield hub, HfApi(endpoint=hub.url, token=TOKEN)
 
 
-def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(pruned_run, tmp_path, capsys):
+def published_files(hub, repo_id: str) -> dict[str, bytes]:
+    return hub.state.repos[repo_id].files
+
+
+def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(pruned_run, hub, tmp_path, capsys):
+    hub, api = hub
     model_dir = pruned_run / "model"
     secret = tmp_path / "secret_token"
     secret.write_text("hf_secret")
@@ -93,11 +76,12 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
         assert "would upload" in out and "left out: .hf_token (not part of a published model)" in out
         assert "model-00002-of-00002.safetensors (a link to outside the folder)" in out
 
-        hub = FakeHub()
-        push_run(pruned_run, "org/safe", api=hub)
-        published = hub.repos["org/safe"]
+        push_run(pruned_run, "org/safe", api=api, token=TOKEN)
+        published = published_files(hub, "org/safe")
         assert "token.txt" not in published and ".hf_token" not in published
-        assert not any(b"hf_secret" in data for repo in hub.repos.values() for data in repo.values())
+        assert not any(
+            b"hf_secret" in data for repo in hub.state.repos.values() for data in repo.files.values()
+        )
     finally:
         for name in ("loss_weights.json", ".hf_token", "token.txt", "optimizer.bin", "unused_helper.py",
                      "preprocessor_link.json",
@@ -105,13 +89,14 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
             (model_dir / name).unlink()
 
 
-def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes(pruned_run):
-    hub = FakeHub(fail_on="org/half-cls")
+def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes(pruned_run, hub):
+    hub, api = hub
+    hub.state.failing_repos.add("org/half-cls")
     lines: list[str] = []
     with pytest.raises(PushError) as error:
-        push_run(pruned_run, "org/half", api=hub, log=lines.append)
+        push_run(pruned_run, "org/half", api=api, token=TOKEN, log=lines.append)
     message = str(error.value)
-    assert "publishing org/half-cls failed: ConnectionError" in message
+    assert "publishing org/half-cls failed: HfHubHTTPError" in message
     assert "Published: org/half;" in message and "not attempted: org/half-seg" in message
     assert "Run the same command again" in message
     assert (error.value.published, error.value.failed, error.value.not_attempted) == (
@@ -120,11 +105,15 @@ def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes
         ["org/half-seg"],
     )
     assert any(line.startswith("will upload") for line in lines)  # told before anything was uploaded
-    assert hub.uploads == ["org/half"]
+    assert hub.state.committed == ["org/half"]
 
-    hub.fail_on = None
+    hub.state.failing_repos.clear()
     lines.clear()
-    push_run(pruned_run, "org/half", api=hub, log=lines.append)
+    push_run(pruned_run, "org/half", api=api, token=TOKEN, log=lines.append)
     assert "org/half: already up to date" in lines
-    assert hub.uploads == ["org/half", "org/half-cls", "org/half-seg"]  # the main repo was not sent again
-    assert set(hub.repos) == {"org/half", "org/half-cls", "org/half-seg"}
+    assert hub.state.committed == [
+        "org/half",
+        "org/half-cls",
+        "org/half-seg",
+    ]  # the main repo was not sent again
+    assert {"org/half", "org/half-cls", "org/half-seg"} <= set(hub.state.repos)

@@ -112,7 +112,7 @@ def test_the_last_block_is_read_through_the_backbones_final_layernorm():
 def test_dense_models_train_the_final_layernorm(all_tasks):
     """With dense tasks only, every backbone parameter still gets a gradient (DDP's unused-parameter check)."""
     for task in all_tasks[1:]:
-        task.update(decoder_channels=8, head_channels=8)
+        task["head_channels" if task["type"] == "object-detection" else "decoder_channels"] = 8
     model = ModSquadForMultiTask(tiny_config(all_tasks[1:])).train()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = {

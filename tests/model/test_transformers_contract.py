@@ -48,8 +48,10 @@ MODEL_CLASSES = (
 
 @pytest.fixture(name="four_tasks")
 def four_tasks_fixture(all_tasks) -> list[dict]:
+    # Small heads, through each head type's own option (detection: its head width; dense heads: the decoder's).
     for task in all_tasks[1:]:
-        task.update(decoder_channels=8, head_channels=8)
+        option = "head_channels" if task["type"] == "object-detection" else "decoder_channels"
+        task[option] = 8
     return all_tasks
 
 

@@ -104,9 +104,13 @@ def test_default_and_backbone_only_groupings(tiny_config):
 
 def test_recipe_rejects_bad_layer_wise_rates():
     tasks = [{"name": "a", "type": "image-classification"}]
-    with pytest.raises(ValueError, match=r"layer_decay must be a number in \(0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"optimization.layer_decay must be a finite number in \(0, 1\], got 1.5"
+    ):
         load_recipe(tasks=tasks, optimization={"layer_decay": 1.5})
-    with pytest.raises(ValueError, match="backbone_learning_rate must be a number > 0, got 0"):
+    with pytest.raises(
+        ValueError, match=r"optimization.backbone_learning_rate must be a finite number > 0 or null, got 0"
+    ):
         load_recipe(tasks=tasks, optimization={"backbone_learning_rate": 0})
 
 

@@ -129,6 +129,7 @@ def test_task_resolutions_must_be_whole_patches():
         "depth", [], lambda rows, epoch: [], 1, config_entry={"name": "depth", "type": "depth-estimation"}
     )
     with pytest.raises(
-        ValueError, match=r"tasks.depth.image_size=30 is not a multiple of the model's patch_size=8"
+        ValueError,
+        match=r"tasks.depth.image_size=30 is not a multiple of the patch size 8; accepted: multiples of 8",
     ):
         build_model(recipe(tasks=[task], model={"config": model}), [data])

@@ -212,7 +212,7 @@ ERRORS = {
     "unknown upcycling option": (
         lambda d: str(dinov2_folder(d / "dense")),
         ["model.upcycling.experts=8"],
-        r"unknown keys \['experts'\] in model.upcycling; accepted: \['mode', 'router_init_std'\]",
+        r"unknown model.upcycling key\(s\) 'experts'; accepted: \['mode', 'router_init_std'\]",
     ),
 }
 

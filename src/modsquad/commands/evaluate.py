@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from ..data.loading import load_split
 from ..data.schemas import BBOX_FORMATS, parse_columns
-from ..hub.locations import check_path_or_repo_id
+from ..locations import check_path_or_repo_id
 from ..metrics.evaluation import evaluate_model
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import task_head_class

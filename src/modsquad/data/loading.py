@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from ..hub.locations import check_path_or_repo_id
+from ..locations import check_path_or_repo_id
 
 # File extension -> the `datasets` packaged builder that reads it.
 FILE_BUILDERS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -10,6 +11,14 @@ from typing import Any
 from torch import nn
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# True while a saved config is read back (`from_dict`): a config.json may carry attributes someone set on a config
+# (`config.foo = 1` is a Transformers convention, and Transformers' own tests set `rms_norm_eps` and friends), so
+# unknown keys there are kept with a warning; a config built in code rejects them (a typo would otherwise vanish).
+_READING_SAVED_CONFIG = contextvars.ContextVar("modsquad_reading_saved_config", default=False)
 
 TASK_TYPES = (
     "image-classification",
@@ -436,13 +445,19 @@ class ModSquadConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         own = sorted(set(self.accepted_keys()) - {f.name for f in dataclasses.fields(PreTrainedConfig)})
         own = [key for key in own if key in {f.name for f in dataclasses.fields(self)}]
-        reject_unknown_keys(
-            kwargs,
-            self.accepted_keys(),
-            "ModSquadConfig",
-            shown=f"the ModSquadConfig fields {own} and the standard PreTrainedConfig keywords (num_labels, "
-            "id2label, problem_type, return_dict, output_hidden_states, dtype, auto_map, ...)",
+        shown = (
+            f"the ModSquadConfig fields {own} and the standard PreTrainedConfig keywords (num_labels, id2label, "
+            "problem_type, return_dict, output_hidden_states, dtype, auto_map, ...)"
         )
+        if _READING_SAVED_CONFIG.get():
+            unknown = [key for key in kwargs if key not in self.accepted_keys()]
+            if unknown:
+                logger.warning(
+                    f"the saved config has key(s) ModSquad does not use, kept as attributes: {unknown}; accepted: "
+                    f"{shown}"
+                )
+        else:
+            reject_unknown_keys(kwargs, self.accepted_keys(), "ModSquadConfig", shown=shown)
         if self.tasks is None:
             self.tasks = [{"name": "cls", "type": "image-classification", "num_labels": 1000}]
         self._validate_fields()
@@ -760,7 +775,11 @@ class ModSquadConfig(PreTrainedConfig):
             config_dict = _relabel_single_task(config_dict, relabel)
         else:
             kwargs.update(relabel)
-        loaded = super().from_dict(config_dict, **kwargs)
+        reading = _READING_SAVED_CONFIG.set(True)
+        try:
+            loaded = super().from_dict(config_dict, **kwargs)
+        finally:
+            _READING_SAVED_CONFIG.reset(reading)
         # Keyword arguments naming fields are set after construction (`from_pretrained(path, layer_norm_eps=0)`):
         # check them as the constructor checks its own.
         config = loaded[0] if isinstance(loaded, tuple) else loaded

@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.output_capturing import (
     OutputRecorder,
     capture_outputs,
+    maybe_install_capturing_hooks,
     resolve_hidden_states_indices,
     selected_hidden_states,
 )
@@ -532,6 +533,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+        # Install the output-recording hooks now, not on the first forward that asks for routing: installing them
+        # takes a lock, which torch.compile cannot trace (a graph break in the first compiled call).
+        maybe_install_capturing_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings

@@ -18,7 +18,7 @@ from ..data.batching import AdaptedDataset, AdaptedStreamRows
 from ..data.demo import demo_task_configs, make_demo_datasets
 from ..data.loading import load_task_dataset
 from ..data.mixing import epoch_seed
-from ..hub.locations import check_path_or_repo_id
+from ..locations import check_path_or_repo_id
 from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModSquadConfig
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from ..model.modeling_multitask import ModSquadForMultiTask
