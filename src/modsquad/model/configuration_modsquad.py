@@ -27,6 +27,10 @@ TASK_TYPES = (
     "depth-estimation",
 )
 CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+# What a classification head reads: the final-normed [CLS] token (ViT), the mean of the final-normed patch tokens
+# (global average pooling, which learns faster from scratch on small data), or both concatenated (DINOv2's linear
+# classifier).
+CLASSIFIER_POOLINGS = ("cls", "mean", "cls+mean")
 MOE_LAYER_PRESETS = ("all", "every_other")
 # Task types whose head predicts one of `num_labels` classes.
 LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
@@ -59,7 +63,7 @@ TASK_OPTIONS: dict[str, dict[str, tuple[float, str]]] = {
 COMMON_TASK_KEYS = ("name", "type", "routable_experts", "routable_attention_experts")
 LABEL_TASK_KEYS = ("num_labels", "labels", "id2label", "label2id")
 TASK_TYPE_KEYS: dict[str, tuple[str, ...]] = {
-    "image-classification": ("problem_type",),
+    "image-classification": ("problem_type", "pooling"),
     "semantic-segmentation": ("ignore_index", "reduce_labels"),
     "object-detection": ("bbox_format",),
     "depth-estimation": (),
@@ -236,6 +240,10 @@ def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
         if problem_type not in CLASSIFICATION_PROBLEM_TYPES:
             raise ValueError(
                 f"task {name!r}: problem_type={problem_type!r}; accepted: {list(CLASSIFICATION_PROBLEM_TYPES)}"
+            )
+        if task.get("pooling", "cls") not in CLASSIFIER_POOLINGS:
+            raise ValueError(
+                f"task {name!r}: pooling={task['pooling']!r}; accepted: {list(CLASSIFIER_POOLINGS)}"
             )
     if task_type == "semantic-segmentation":
         ignore_index = task.setdefault("ignore_index", 255)

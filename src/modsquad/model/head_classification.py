@@ -9,6 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
+from .modeling_modsquad import NUM_PREFIX_TOKENS
 
 
 @dataclass
@@ -33,7 +34,9 @@ class ModSquadImageClassifierOutput(ImageClassifierOutput):
 
 @register_task_head
 class ModSquadImageClassificationHead(TaskHead):
-    """Linear classifier on the final-normed `[CLS]` token.
+    """Linear classifier on the final-normed tokens, pooled as the task entry's `pooling` says: the `[CLS]` token
+    (`"cls"`, the default, as in ViT), the mean of the patch tokens (`"mean"`) or both concatenated (`"cls+mean"`,
+    as DINOv2's classifier).
 
     Labels: class ids `(batch_size,)` (single-label), multi-hot `(batch_size, num_labels)` for tasks with
     `problem_type="multi_label_classification"`, or float targets `(batch_size,)` (one label) /
@@ -48,10 +51,17 @@ class ModSquadImageClassificationHead(TaskHead):
     def __init__(self, config, task: dict):
         super().__init__(config, task)
         self.problem_type = task["problem_type"]
-        self.classifier = nn.Linear(config.hidden_size, task["num_labels"])
+        self.pooling = task.get("pooling", "cls")
+        width = 2 * config.hidden_size if self.pooling == "cls+mean" else config.hidden_size
+        self.classifier = nn.Linear(width, task["num_labels"])
 
     def forward(self, backbone_output, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.classifier(backbone_output.pooler_output)
+        if self.pooling == "cls":
+            return self.classifier(backbone_output.pooler_output)
+        patch_mean = backbone_output.last_hidden_state[:, NUM_PREFIX_TOKENS:].mean(dim=1)
+        if self.pooling == "mean":
+            return self.classifier(patch_mean)
+        return self.classifier(torch.cat([backbone_output.pooler_output, patch_mean], dim=-1))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return classification_loss(logits, torch.as_tensor(labels, device=logits.device), self.problem_type)
