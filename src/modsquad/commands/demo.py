@@ -54,7 +54,7 @@ PRUNING_SUMMARY_KEYS = (
     "task", "folder", "threshold", "experts_text", "metric", "metric_before", "metric_after", "params_before",
     "params_after", "bytes_before", "bytes_after", "max_abs_diff", "routing_agreement",
 )  # fmt: skip
-DEMO_DATA = {"demo": True, "num_train": 512, "num_val": 64, "image_size": 64, "seed": 0}
+DEMO_DATA = {"demo": True, "num_train": 512, "num_val": 128, "image_size": 64, "seed": 0}
 DEMO_RECIPE: dict[str, Any] = {
     "output_dir": "runs/demo",
     "seed": 0,
@@ -74,7 +74,15 @@ DEMO_RECIPE: dict[str, Any] = {
         }
     },
     "tasks": [
-        {"name": "cls", "dataset": dict(DEMO_DATA), "batch_size": 32, "image_size": 64},
+        # Mean-pooled patch tokens: from scratch on 512 images, a [CLS] readout learns the shapes far more slowly
+        # (accuracy 0.383 against 0.500 after 400 steps, 128 validation images).
+        {
+            "name": "cls",
+            "dataset": dict(DEMO_DATA),
+            "batch_size": 32,
+            "image_size": 64,
+            "head": {"pooling": "mean"},
+        },
         {
             "name": "det",
             "dataset": dict(DEMO_DATA),
