@@ -55,6 +55,7 @@ def parse_yaml(text: str):
 
 
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+MI_ESTIMATORS = ("step", "streaming")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("csv", "tensorboard", "none")
 
@@ -177,6 +178,13 @@ class OptimizationRecipe:
         max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping norm (`0` or `null`: no clipping).
         loss_weighting (`str`, *optional*, defaults to `"fixed"`): `"fixed"` (the tasks' `loss_weight`) or
             `"uncertainty"` (Kendall et al.: learned log-variances).
+        mi_estimator (`str`, *optional*, defaults to `"step"`): statistics of the mutual-information loss.
+            `"step"`: exact, over the task micro-batches of one micro-step (zero for single-task steps);
+            `"streaming"`: a running estimate over recent steps that each micro-batch differentiates through its own
+            share (`StreamingRoutingStatistics`): a signal for every step whatever the sampler, and needed for
+            `training.one_task_at_a_time`.
+        mi_horizon (`float`, *optional*, defaults to 10.0): observations of a task the streaming estimate averages
+            over (EMA horizon; `>= 1`).
     """
 
     learning_rate: float = 1e-3
@@ -187,8 +195,20 @@ class OptimizationRecipe:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     loss_weighting: str = "fixed"
+    mi_estimator: str = "step"
+    mi_horizon: float = 10.0
 
     def __post_init__(self):
+        if self.mi_estimator not in MI_ESTIMATORS:
+            raise ValueError(
+                f"optimization.mi_estimator={self.mi_estimator!r}; accepted: {list(MI_ESTIMATORS)}"
+            )
+        if (
+            isinstance(self.mi_horizon, bool)
+            or not isinstance(self.mi_horizon, (int, float))
+            or self.mi_horizon < 1
+        ):
+            raise ValueError(f"optimization.mi_horizon must be a number >= 1, got {self.mi_horizon!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(
                 f"optimization.loss_weighting={self.loss_weighting!r}; accepted: {list(LOSS_WEIGHTINGS)}"
@@ -230,6 +250,10 @@ class LoopRecipe:
             can leave a task (hence its head) out of a step.
         usage_ema_decay (`float`, *optional*, defaults to 0.99): decay of the per-task expert-usage EMA.
         save_final_model (`bool`, *optional*, defaults to `True`): write `final/` with `save_pretrained`.
+        one_task_at_a_time (`bool`, *optional*, defaults to `False`): run each task micro-batch's forward and
+            backward on its own (gradients accumulate, the optimizer steps once per step), so that the activations
+            of one task batch are alive at a time instead of those of every task of the step. Needs
+            `optimization.mi_estimator: streaming`.
     """
 
     max_steps: int | None = None
@@ -247,8 +271,13 @@ class LoopRecipe:
     find_unused_parameters: bool | None = None
     usage_ema_decay: float = 0.99
     save_final_model: bool = True
+    one_task_at_a_time: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.one_task_at_a_time, bool):
+            raise ValueError(
+                f"training.one_task_at_a_time must be true or false, got {self.one_task_at_a_time!r}"
+            )
         if self.max_steps is not None:
             _check_positive_int("training.max_steps", self.max_steps)
         elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:
@@ -300,6 +329,12 @@ class TrainingRecipe:
             raise ValueError(f"task names must be unique, got {names}")
         if self.mixing.tasks_per_step is not None and self.mixing.strategy == "simt":
             raise ValueError("mixing.tasks_per_step applies to the sampling strategies, not to 'simt'")
+        if self.training.one_task_at_a_time and self.optimization.mi_estimator != "streaming":
+            raise ValueError(
+                "training.one_task_at_a_time needs optimization.mi_estimator='streaming': the per-step estimator's "
+                f"gradient needs every task of the step in one graph (got mi_estimator={self.optimization.mi_estimator!r}"
+                "; accepted with one task at a time: ['streaming'])"
+            )
 
     @property
     def task_names(self) -> list[str]:

@@ -4,14 +4,17 @@
 `clip_grad_norm_`, `save_state` all appear in one function. One optimizer step is `gradient_accumulation_steps`
 multi-task micro-steps; one micro-step is ONE forward of a [`MultiTaskStep`] over every task micro-batch the mixer
 gives (all tasks under `simt`), then ONE backward of weighted task losses + auxiliary losses + the mutual-information
-loss of that micro-step, whose routing statistics are all-reduced across processes. The MI window is therefore one
-micro-step; accumulation adds independent micro-steps.
+loss, whose routing statistics are all-reduced across processes. With the per-step estimator the MI window is one
+micro-step (accumulation adds independent micro-steps); with the streaming one (`optimization.mi_estimator:
+streaming`) it spans recent steps, and `training.one_task_at_a_time` runs one forward and backward per task
+micro-batch instead (DDP reduces gradients in the last backward of the optimizer step only).
 
 Run it with `modsquad train --config recipe.yaml` or `accelerate launch training/train.py --config recipe.yaml`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -55,7 +58,13 @@ from .checkpointing import (
     resolve_resume,
 )
 from .recipe import TrainingRecipe
-from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
+from .step import (
+    MultiTaskStep,
+    MultiTaskStepOutput,
+    StreamingRoutingStatistics,
+    TaskLossWeighting,
+    merge_step_outputs,
+)
 from .task_data import TaskData
 from .tracking import CSVTracker
 
@@ -272,6 +281,43 @@ def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerat
     return results
 
 
+def forward_backward(
+    accelerator: Accelerator,
+    step_module: torch.nn.Module,
+    micro_batches: list[tuple[str, Any]],
+    one_task_at_a_time: bool = False,
+) -> MultiTaskStepOutput:
+    """The forward and backward of one micro-step: one graph over every task micro-batch, or one per micro-batch.
+
+    One task at a time, DDP must not reduce gradients after each task's backward: all backward passes but the last
+    run under `no_sync` (inside `accelerator.accumulate`, which already suppresses the reduction of every micro-step
+    but the last of an optimizer step), so gradients accumulate locally and are reduced once.
+
+    Args:
+        accelerator (`Accelerator`): the run's accelerator.
+        step_module: the prepared [`MultiTaskStep`].
+        micro_batches (`list[tuple[str, Any]]`): `(task, batch)` pairs of the micro-step, on the device.
+        one_task_at_a_time (`bool`, *optional*, defaults to `False`): one forward and backward per micro-batch (the
+            step module must use the streaming estimator).
+
+    Returns:
+        [`MultiTaskStepOutput`] of the micro-step (merged over its forwards, without `loss`, one task at a time).
+    """
+    if not one_task_at_a_time:
+        out = step_module(micro_batches)
+        accelerator.backward(out.loss)
+        return out
+    outputs = []
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(step_module):
+            out = step_module([micro_batch])
+            accelerator.backward(out.loss)
+        out["loss"] = None  # the graph is spent; keep only the statistics
+        outputs.append(out)
+    return merge_step_outputs(outputs)
+
+
 def parameter_digest(module: torch.nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in name order: equal digests mean bit-identical weights."""
     digest = hashlib.sha256()
@@ -334,8 +380,9 @@ def train(
     mixed_precision = resolve_mixed_precision(loop.mixed_precision, cpu)
     find_unused = loop.find_unused_parameters
     if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt"
+        # Sampling strategies may leave a task, hence its head, out of a step, and one task graph at a time leaves
+        # every other head out of each forward: let DDP skip those parameters.
+        find_unused = recipe.mixing.strategy != "simt" or loop.one_task_at_a_time
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
@@ -360,7 +407,12 @@ def train(
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
-    step_module = MultiTaskStep(model, weighting, world_size=accelerator.num_processes)
+    routing_estimate = None
+    if optim.mi_estimator == "streaming":
+        routing_estimate = StreamingRoutingStatistics(model.config.num_tasks, optim.mi_horizon)
+    step_module = MultiTaskStep(
+        model, weighting, world_size=accelerator.num_processes, routing_estimate=routing_estimate
+    )
     optimizer = build_optimizer(step_module, optim.learning_rate, optim.weight_decay, optim.betas)
     warmup = max(optim.warmup_steps, int(optim.warmup_ratio * max_steps))
     # The schedule counts optimizer steps and is stepped by hand: a prepared scheduler would step once per process.
@@ -368,6 +420,8 @@ def train(
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
     accelerator.register_for_checkpointing(scheduler, mixer, state)
+    if routing_estimate is not None:
+        accelerator.register_for_checkpointing(routing_estimate)
 
     log_path = output_dir / TRAINING_LOG
     resume_from = resolve_resume(recipe.resume, output_dir)
@@ -413,16 +467,15 @@ def train(
             for _ in range(accumulation):
                 micro_batches = send_to_device(mixer.next_step(), accelerator.device)
                 with accelerator.accumulate(step_module):
-                    out = step_module(micro_batches)
-                    accelerator.backward(out.loss)
+                    out = forward_backward(accelerator, step_module, micro_batches, loop.one_task_at_a_time)
                     if accelerator.sync_gradients and optim.max_grad_norm:
                         sums.grad_norm = accelerator.clip_grad_norm_(
                             step_module.parameters(), optim.max_grad_norm
                         )
                     optimizer.step()
                     optimizer.zero_grad()
-                # Report the loss as defined: MI at its coefficient, not the world-size-scaled copy fed to backward.
-                sums.add(out, out.loss.detach() - (accelerator.num_processes - 1) * coef * out.mi_loss)
+                # Report the loss as defined: MI at its coefficient, not the world-size-scaled term fed to backward.
+                sums.add(out, out.weighted_loss + coef * out.mi_loss)
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.step += 1
@@ -562,6 +615,7 @@ __all__ = [
     "build_mixer",
     "build_optimizer",
     "evaluate_tasks",
+    "forward_backward",
     "parameter_digest",
     "resolve_mixed_precision",
     "train",
