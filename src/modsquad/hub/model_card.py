@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import task_head_class
-from ..pruning.usage import ExpertUsage
+from ..pruning.usage import ExpertUsage, router_layout, router_positions
 from ..run_folder import (
     PRUNING_FILE,
     USAGE_FILE,
@@ -104,7 +104,9 @@ def _architecture(config: ModSquadConfig) -> dict[str, Any]:
         "heads": config.num_attention_heads,
         "patch_size": config.patch_size,
         "image_size": "x".join(map(str, config.image_size_hw)),
-        "moe_blocks": ", ".join(map(str, config.moe_layer_indices)),
+        "moe_blocks": ", ".join(
+            map(str, sorted({*config.moe_layer_indices, *config.attention_moe_layer_indices}))
+        ),
         "experts_text": _counts_text(config.experts_per_layer),
         "expert_width": config.expert_intermediate_size,
         "top_k": config.num_experts_per_tok,
@@ -239,25 +241,27 @@ def render_multitask_card(
 # ------------------------------------------------------------------------------------------------- pruned
 def _experts_rows(config: ModSquadConfig) -> list[dict[str, Any]]:
     parent = config.pruned_from or {}
+    position = router_positions(config)
+    kinds = {
+        "attention": (
+            config.pruned_attention_experts,
+            parent.get("attention_num_experts"),
+            config.attention_experts_per_layer,
+        ),
+        "mlp": (config.pruned_experts, parent.get("num_experts"), config.experts_per_layer),
+    }
     rows = []
-    for position, block in enumerate(config.moe_layer_indices):
-        kinds = []
-        if config.pruned_attention_experts is not None:
-            totals = parent.get("attention_num_experts") or config.attention_experts_per_layer
-            kinds.append(("attention", config.pruned_attention_experts[position], totals))
-        if config.pruned_experts is not None:
-            totals = parent.get("num_experts") or config.experts_per_layer
-            kinds.append(("mlp", config.pruned_experts[position], totals))
-        for kind, kept, totals in kinds:
-            total = totals[position] if isinstance(totals, list) else totals
-            rows.append(
-                {
-                    "name": f"block {block} {kind}",
-                    "kept": len(kept),
-                    "total": total,
-                    "indices": ", ".join(map(str, kept)),
-                }
-            )
+    for slot in router_layout(config):
+        kept_lists, parent_totals, totals = kinds[slot.kind]
+        if kept_lists is None:
+            continue
+        index = position[slot.kind][slot.block]
+        totals = parent_totals or totals
+        total = totals[index] if isinstance(totals, list) else totals
+        kept = kept_lists[index]
+        rows.append(
+            {"name": slot.name, "kept": len(kept), "total": total, "indices": ", ".join(map(str, kept))}
+        )
     return rows
 
 

@@ -67,6 +67,7 @@ class DetectionNeck(nn.Module):
         super().__init__()
         self.feature_layers = list(config.feature_layers)
         self.patch_size = config.patch_size
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.output_stride = output_stride
         self.norms = nn.ModuleList(
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for _ in self.feature_layers
@@ -84,7 +85,7 @@ class DetectionNeck(nn.Module):
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], grid_size: tuple[int, int]) -> torch.Tensor:
         grids = [
-            tokens_to_grid(norm(hidden_states[layer + 1]), grid_size)
+            tokens_to_grid(norm(hidden_states[layer + 1]), grid_size, self.num_prefix_tokens)
             for layer, norm in zip(self.feature_layers, self.norms)
         ]
         features = self.projection(torch.cat(grids, dim=1))
