@@ -127,8 +127,8 @@ class ModSquadConfig(PreTrainedConfig):
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
             (`"single_label_classification"` or `"multi_label_classification"`); segmentation `ignore_index`
             (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
-            `routable_attention_experts`): an int or one int per MoE block, the number of leading experts the task
-            may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
+            `routable_attention_experts`): an int or one int per block with such experts, the number of leading
+            experts the task may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
             them. Defaults to one 1000-class classification task named `"cls"`.
         hidden_size (`int`, *optional*, defaults to 384): Width of the token embeddings.
         num_hidden_layers (`int`, *optional*, defaults to 12): Number of transformer blocks.
@@ -148,7 +148,8 @@ class ModSquadConfig(PreTrainedConfig):
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon.
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the truncated normal initialiser.
         num_experts (`int` or `list[int]`, *optional*, defaults to 16): MLP experts per MoE block; a list gives one
-            count per MoE block (pruned models).
+            count per MoE block (pruned models). A "MoE block" is one of `moe_layers` (MLP experts); the blocks with
+            attention experts are `attention_moe_layers`, and the attention fields count per such block.
         num_experts_per_tok (`int`, *optional*, defaults to 4): Experts each token is routed to (top-k).
         expert_intermediate_size (`int`, *optional*, defaults to 384): Hidden width of one MLP expert.
         moe_layers (`str` or `list[int]`, *optional*, defaults to `"every_other"`): Which blocks have MLP experts:
@@ -434,8 +435,8 @@ class ModSquadConfig(PreTrainedConfig):
                 )
             if not isinstance(kept, (list, tuple)) or len(kept) != len(counts):
                 raise ValueError(
-                    f"{field} must hold one list of kept expert indices per MoE block ({len(counts)} blocks), "
-                    f"got {kept!r}"
+                    f"{field} must hold one list of kept expert indices per MoE block of its kind ({len(counts)} "
+                    f"blocks), got {kept!r}"
                 )
             for position, (layer, count) in enumerate(zip(kept, counts)):
                 valid = isinstance(layer, (list, tuple)) and all(
