@@ -164,11 +164,19 @@ def vit(**overrides) -> ViTModel:
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
-def test_upcycled_vit_with_task_embedding_equals_the_dense_vit():
+def test_upcycled_vit_in_the_reference_layout_equals_the_dense_vit():
+    # Task embedding (starts at zero: no extra token), attention experts in even blocks, MLP experts in odd ones.
     dense = vit()
     model = ModSquadModel.from_dense(
-        dense, task_conditioning="embedding", num_experts=4, num_experts_per_tok=2, moe_layers="all"
-    )
+        dense, task_conditioning="embedding", num_experts=4, num_experts_per_tok=2, moe_layers="every_other",
+        moe_attention=True, attention_moe_layers="even", attention_num_experts=3,
+    )  # fmt: skip
+    assert [type(b.attention).__name__ for b in model.layers] == [
+        "ModSquadAttentionExperts",
+        "ModSquadSelfAttention",
+    ]
+    # an upcycled attention expert copies the whole dense attention, so one per token keeps the dense width
+    assert (model.config.attention_expert_heads, model.config.attention_experts_per_tok) == (4, 1)
     x = images()
     with torch.no_grad():
         expected = dense(x).last_hidden_state
