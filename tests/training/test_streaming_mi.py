@@ -22,12 +22,18 @@ TWO_TASKS = [
 ]
 
 
-def fixed_router(num_tasks=3, num_experts=8, hidden=16, tokens=128, observations=60, seed=0):
-    """Per-task router weights (with grad) and the tokens of `observations` single-task micro-batches, the tasks
-    taking turns: router probabilities drawn from a fixed distribution per task."""
+# Single-task steps drawn at rates 0.6, 0.3 and 0.1 (a sampler with one micro-batch per step), in a fixed order.
+SAMPLER_PATTERN = [0, 0, 1, 0, 0, 1, 0, 2, 0, 1]
+RATES = [0.6, 0.3, 0.1]
+
+
+def fixed_router(num_tasks=3, num_experts=8, hidden=16, tokens=128, steps=120, seed=0):
+    """Per-task router weights (with grad) and the tokens of `steps` single-task micro-batches, tasks drawn as in
+    `SAMPLER_PATTERN`: router probabilities from a fixed distribution per task."""
     generator = torch.Generator().manual_seed(seed)
     weight = (torch.randn(num_tasks, num_experts, hidden, generator=generator) * 0.5).requires_grad_(True)
-    batches = [(j % num_tasks, torch.randn(tokens, hidden, generator=generator)) for j in range(observations)]
+    tasks = [SAMPLER_PATTERN[j % len(SAMPLER_PATTERN)] for j in range(steps)]
+    batches = [(task, torch.randn(tokens, hidden, generator=generator)) for task in tasks]
     return weight, batches
 
 
@@ -35,21 +41,24 @@ def mean_probs(weight, task, tokens):
     return torch.softmax(tokens @ weight[task].T, dim=-1).mean(dim=0)
 
 
-def test_streaming_gradient_agrees_with_the_exact_full_window_gradient():
-    # The window: 30 earlier single-task micro-batches (constants by now) and the 30 of the steps being trained, in
-    # one graph, each task's routing the mean over its micro-batches. Streaming sees them one at a time.
-    weight, batches = fixed_router()
-    history, current = batches[:30], batches[30:]
+def streaming_gradient(weight, history, current, task_rates):
     stats = StreamingRoutingStatistics(
-        num_tasks=3, horizon=1e9
-    )  # an infinite horizon: the plain running mean
+        num_tasks=3, horizon=1e9, task_rates=task_rates
+    )  # the plain running mean
     with torch.no_grad():
         for task, tokens in history:
             stats.observe(task, [mean_probs(weight, task, tokens)])
+    weight.grad = None
     for task, tokens in current:
         stats.observe(task, [mean_probs(weight, task, tokens)]).backward()
-    streaming = weight.grad.clone()
+    return weight.grad.clone()
 
+
+def test_streaming_gradient_agrees_with_the_exact_full_window_gradient():
+    # The window: 60 earlier single-task steps (constants by now) and the 60 steps being trained, in one graph, each
+    # task's routing the mean over its micro-batches. Streaming sees them one at a time.
+    weight, batches = fixed_router()
+    history, current = batches[:60], batches[60:]
     weight.grad = None
     means = [mean_probs(weight, t, x).detach() for t, x in history] + [
         mean_probs(weight, t, x) for t, x in current
@@ -61,13 +70,18 @@ def test_streaming_gradient_agrees_with_the_exact_full_window_gradient():
     (-task_expert_mutual_information(joint / 3)).backward()
     exact = weight.grad.clone()
 
+    streaming = streaming_gradient(weight, history, current, RATES)
     assert F.cosine_similarity(streaming.flatten(), exact.flatten(), dim=0) >= 0.99
-    # Each micro-batch gets its task's whole gradient, not its 1/20 share of the window's.
-    assert streaming.norm() / exact.norm() == pytest.approx(20, rel=0.05)
+    # Each micro-batch gets its task's whole gradient (divided by the task's rate), not its share of the window's:
+    # summed over the window, the exact gradient times the window's length in steps.
+    assert streaming.norm() / exact.norm() == pytest.approx(120, rel=0.1)
+    # Without the rates, rarely drawn tasks would get their share of the gradient only as often as they are drawn.
+    unweighted = streaming_gradient(weight, history, current, None)
+    assert F.cosine_similarity(unweighted.flatten(), exact.flatten(), dim=0) < 0.9
 
 
 def test_a_micro_batch_gets_the_gradient_of_the_discounted_window_through_its_own_share():
-    weight, batches = fixed_router(observations=12)
+    weight, batches = fixed_router(steps=12)
     stats = StreamingRoutingStatistics(num_tasks=3, horizon=3)
     with torch.no_grad():
         for task, tokens in batches[:-1]:
@@ -183,6 +197,8 @@ def test_state_dict_round_trip_and_mismatches():
         StreamingRoutingStatistics(num_tasks=3, horizon=4).load_state_dict(state)
     with pytest.raises(ValueError, match="horizon must be a number >= 1"):
         StreamingRoutingStatistics(num_tasks=2, horizon=0.5)
+    with pytest.raises(ValueError, match=r"task_rates must hold one number > 0 per task \(2\)"):
+        StreamingRoutingStatistics(num_tasks=2, task_rates=[1.0, 0.0])
     with pytest.raises(ValueError, match="task_id=2 is out of range"):
         stats.observe(2, [torch.ones(3) / 3, torch.ones(3) / 3])
 

@@ -140,16 +140,23 @@ class StreamingRoutingStatistics:
     **Gradient.** Right after an observation has updated the estimate, its own mean carries the gradient of the loss
     `-I(T;E)` with respect to its task's distribution, through a surrogate of value 0:
 
-        surrogate = -sum_routers sum_e G(e) (m_t(e) - sg[m_t(e)]),    G = dI/dq_t at the updated estimate,
+        surrogate = -(1 / r_t) sum_routers sum_e G(e) (m_t(e) - sg[m_t(e)]),    G = dI/dq_t at the updated estimate,
 
-    `sg` stopping gradients. So a batch of task `t` gets the gradient that task `t`'s routing contributes to
-    `I(T;E)` given what the other tasks did recently; it is the per-step loss's gradient with the step's joint
-    replaced by the window's (it does not shrink with `H`: the derivative of the window's `I` with respect to one
-    observation is `(1 - beta) G`, one observation's weight in the window, and the surrogate divides that weight out,
-    so `mi_loss_coef` means what it means for the per-step loss). Observations are taken one after the other in
-    micro-batch order, whether a step runs as one graph or one task graph at a time, so both give the same gradients.
-    Differences from the per-step estimator: tasks weigh `1/|S|` rather than by their tokens in the step, and
-    statistics of earlier steps enter as constants.
+    `sg` stopping gradients, `r_t` the task's rate (below). So a batch of task `t` gets the gradient that task
+    `t`'s routing contributes to `I(T;E)` given what the other tasks did recently; it is the per-step loss's
+    gradient with the step's joint replaced by the window's (it does not shrink with `H`: the derivative of the
+    window's `I` with respect to one observation is `(1 - beta) G`, one observation's weight in the window, and the
+    surrogate divides that weight out, so `mi_loss_coef` means what it means for the per-step loss).
+
+    **Rates.** A sampler draws task `t` on average `r_t` times per step (`tasks_per_step * p_t`; 1 for every task
+    under SIMT). The exact gradient of the window's `I(T;E)` moves every task's routing alike, whatever its share of
+    the window (each row of the joint weighs `pi_t`); dividing each observation's surrogate by `r_t` gives, summed
+    over the window, that gradient (times the window's length in steps) in expectation, so rarely drawn tasks
+    specialise at the pace of frequent ones instead of `r_t` times slower.
+
+    Observations are taken one after the other in micro-batch order, whether a step runs as one graph or one task
+    graph at a time, so both give the same gradients. Differences from the per-step estimator: tasks weigh `1/|S|`
+    rather than by their tokens in the step, and statistics of earlier steps enter as constants.
 
     **Processes.** Every process feeds the same observations (the same tasks in the same order; the sums of every
     process, see [`all_reduce_observations`]), so every process holds the same estimate; each differentiates only
@@ -161,6 +168,8 @@ class StreamingRoutingStatistics:
         num_tasks (`int`): number of tasks of the model.
         horizon (`float`, *optional*, defaults to 10.0): observations of a task its estimate averages over
             (`beta = 1 - 1/horizon`); 1 keeps only the latest observation of each task.
+        task_rates (`list[float]`, *optional*): `r_t`, the micro-batches of each task per step on average (for a
+            [`MultiTaskMixer`]: `tasks_per_step * probabilities`); defaults to 1 for every task (SIMT).
 
     Example:
 
@@ -171,13 +180,17 @@ class StreamingRoutingStatistics:
     >>> stats.mutual_information()  # I(T;E) of the estimate, summed over routers, in nats
     ```"""
 
-    def __init__(self, num_tasks: int, horizon: float = 10.0):
+    def __init__(self, num_tasks: int, horizon: float = 10.0, task_rates: list[float] | None = None):
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon >= 1:
             raise ValueError(f"horizon must be a number >= 1 (observations per task), got {horizon!r}")
+        task_rates = [1.0] * num_tasks if task_rates is None else [float(rate) for rate in task_rates]
+        if len(task_rates) != num_tasks or not all(rate > 0 for rate in task_rates):
+            raise ValueError(f"task_rates must hold one number > 0 per task ({num_tasks}), got {task_rates}")
         self.num_tasks = num_tasks
         self.horizon = float(horizon)
+        self.task_rates = task_rates
         self.sums: list[torch.Tensor] | None = None  # per router: (num_tasks, num_experts), the A_t
         self.weights = torch.zeros(num_tasks, dtype=torch.float64)  # the N_t
 
@@ -211,8 +224,9 @@ class StreamingRoutingStatistics:
                 observation's tokens over every process, with gradient to this process's tokens.
 
         Returns:
-            `torch.Tensor`: scalar of value 0 whose gradient with respect to `means` is that of `-I(T;E)` (see the
-            class docstring); no gradient (a zero constant) while fewer than two tasks have been observed.
+            `torch.Tensor`: scalar of value 0 whose gradient with respect to `means` is that of `-I(T;E)` divided by
+            the task's rate (see the class docstring); no gradient (a zero constant) while fewer than two tasks have
+            been observed.
         """
         if not 0 <= task_id < self.num_tasks:
             raise ValueError(f"task_id={task_id} is out of range for {self.num_tasks} tasks")
@@ -233,7 +247,7 @@ class StreamingRoutingStatistics:
             gradient = self._mutual_information_gradient(estimate, task_id)
             mean = mean.float()
             surrogate = surrogate - (gradient * (mean - mean.detach())).sum()
-        return surrogate
+        return surrogate / self.task_rates[task_id]
 
     def _mutual_information_gradient(self, estimate: torch.Tensor, task_id: int) -> torch.Tensor:
         """`dI/dq_t` of one router's joint `pi_t q_t` over the tasks seen, at the current estimate."""

@@ -409,7 +409,9 @@ def train(
     )
     routing_estimate = None
     if optim.mi_estimator == "streaming":
-        routing_estimate = StreamingRoutingStatistics(model.config.num_tasks, optim.mi_horizon)
+        # Micro-batches of each task per step on average (1 each under simt), what the estimator divides out.
+        rates = [p * mixer.tasks_per_step for p in mixer.probabilities]
+        routing_estimate = StreamingRoutingStatistics(model.config.num_tasks, optim.mi_horizon, rates)
     step_module = MultiTaskStep(
         model, weighting, world_size=accelerator.num_processes, routing_estimate=routing_estimate
     )
