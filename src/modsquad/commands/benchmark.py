@@ -42,7 +42,7 @@ from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_modsquad import ModSquadMLP
 from ..model.moe import ModSquadSparseMLP
 from ..model.sorted_mm import SORTED_MM
-from ..training.recipe import MI_ESTIMATORS
+from ..training.recipe import MI_ESTIMATORS, TrainingRecipe
 
 # Kernels this command knows how to run on CPU, in table order. `batched_mm` gathers one full expert weight
 # matrix per token slot, so it is only timed for inference and only while that gather stays small.
@@ -557,7 +557,7 @@ def sampler_recipe(
     tasks_per_step: int = len(SAMPLER_TASKS),
     num_val: int = 64,
     overrides: list[str] | None = None,
-):
+) -> TrainingRecipe:
     """The demo recipe with unequal training sets, every task at batch size `SAMPLER_BATCH_SIZE`, trained with
     `strategy` and the `estimator` MI statistics for as many images as `steps` simt steps see.
 
@@ -584,13 +584,12 @@ def sampler_recipe(
             f"tasks.{name}.dataset.num_train={size}",
             f"tasks.{name}.batch_size={SAMPLER_BATCH_SIZE}",
         ]
-    recipe = demo_recipe(
+    return demo_recipe(
         output_dir, num_val=num_val, max_steps=steps, overrides=[*recipe_overrides, *(overrides or [])]
     )
-    return recipe
 
 
-def validation_mutual_information(model, tasks) -> list[float]:
+def validation_mutual_information(model: torch.nn.Module, tasks: list) -> list[float]:
     """Per router, `I(T;E)` in nats of the tasks' mean router distributions on their validation images (no
     augmentation), every task weighing the same: a sampler-independent measure of specialisation."""
     from ..model.moe import task_expert_mutual_information
@@ -618,7 +617,7 @@ def validation_mutual_information(model, tasks) -> list[float]:
     return [float(task_expert_mutual_information(torch.stack(per_router))) for per_router in zip(*rows)]
 
 
-def run_sampler_case(recipe) -> dict[str, Any]:
+def run_sampler_case(recipe: TrainingRecipe) -> dict[str, Any]:
     """Trains `recipe` (or reads its finished `sampler_result.json`) and returns metrics and MI per router."""
     from ..training.task_data import build_model, build_task_data
     from ..training.trainer import build_mixer, train
