@@ -213,5 +213,11 @@ def test_recipe_options_of_the_estimator():
     assert (recipe.optimization.mi_estimator, recipe.training.one_task_at_a_time) == ("streaming", True)
     with pytest.raises(ValueError, match=r"needs optimization\.mi_estimator='streaming'"):
         load_recipe(tasks=tasks, training={"one_task_at_a_time": True})
+    with pytest.raises(ValueError, match="contradicts one_task_at_a_time=true"):
+        load_recipe(
+            tasks=tasks,
+            optimization={"mi_estimator": "streaming"},
+            training={"one_task_at_a_time": True, "find_unused_parameters": False},
+        )
     with pytest.raises(ValueError, match=r"mi_estimator='window'; accepted: \['step', 'streaming'\]"):
         load_recipe(tasks=tasks, optimization={"mi_estimator": "window"})

@@ -278,6 +278,11 @@ class LoopRecipe:
             raise ValueError(
                 f"training.one_task_at_a_time must be true or false, got {self.one_task_at_a_time!r}"
             )
+        if self.one_task_at_a_time and self.find_unused_parameters is False:
+            raise ValueError(
+                "training.find_unused_parameters=false contradicts one_task_at_a_time=true: each forward leaves the "
+                "other tasks' heads unused; accepted: true or null"
+            )
         if self.max_steps is not None:
             _check_positive_int("training.max_steps", self.max_steps)
         elif not isinstance(self.num_epochs, (int, float)) or self.num_epochs <= 0:
