@@ -56,6 +56,10 @@ class Repo:
         return self.commits[-1]
 
 
+# The relations the Hub defines between a model and its base_model.
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
 def validate_card(content: str) -> list[str]:
     """Errors the Hub would report for the YAML metadata of a model card (a simplified check)."""
     match = _YAML_BLOCK.match(content)
@@ -81,6 +85,14 @@ def validate_card(content: str) -> list[str]:
         isinstance(b, str) and b.count("/") == 1 for b in ([base] if isinstance(base, str) else base)
     ):
         errors.append('"base_model" must be one or more Hub model ids (namespace/name)')
+    relation = data.get("base_model_relation")
+    if relation is not None and (relation not in BASE_MODEL_RELATIONS or base is None):
+        errors.append(
+            f'"base_model_relation" must be one of {list(BASE_MODEL_RELATIONS)}, next to "base_model"'
+        )
+    for example in data.get("widget") or []:
+        if not isinstance(example, dict) or not str(example.get("src", "")).startswith("https://"):
+            errors.append('"widget" examples of image pipelines need a "src" URL')
     for entry in data.get("model-index") or []:
         for result in entry.get("results", []):
             if "type" not in result.get("task", {}) or "type" not in result.get("dataset", {}):
@@ -101,6 +113,10 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.requests: list[str] = []  # "METHOD path" of every request, for tests to look at
+        self.committed: list[str] = []  # repo id of every accepted commit, in order
+        # Commits to these repos are refused (403, as for a namespace the token may not write to; a 5xx would be
+        # retried by huggingface_hub for a while).
+        self.failing_repos: set[str] = set()
 
     def commit(self, repo: Repo, changes: dict[str, bytes | None], message: str) -> str:
         for path, data in changes.items():
@@ -271,6 +287,11 @@ class HubHandler(BaseHTTPRequestHandler):
         return self._error(405, "MethodNotAllowed", f"{method} {action}")
 
     def _commit(self, repo_id: str, repo: Repo):
+        if repo_id in self.state.failing_repos:
+            self._body()
+            return self._error(
+                403, "Forbidden", f"no write access to {repo_id} (test server told to refuse it)"
+            )
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line["key"] == "header"), {})
         changes: dict[str, bytes | None] = {}
@@ -290,6 +311,7 @@ class HubHandler(BaseHTTPRequestHandler):
             if path == "README.md" and data is not None and validate_card(data.decode()):
                 return self._error(400, "BadRequest", "; ".join(validate_card(data.decode())))
         sha = self.state.commit(repo, changes, header.get("summary", ""))
+        self.state.committed.append(repo_id)
         url = f"http://{self.headers['Host']}/{repo_id}"
         self._json(200, {"commitUrl": f"{url}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 

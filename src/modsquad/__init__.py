@@ -55,26 +55,33 @@ _registered = False
 
 def register_auto_classes() -> None:
     """Registers `ModSquadConfig`, `ModSquadModel`, the single-task model of every task type (with the Auto class its
-    head names) and `ModSquadImageProcessor` with the Transformers Auto classes. Idempotent; importing the package
+    head names), `ModSquadForMultiTask` (with `AutoModelForPreTraining`) and `ModSquadImageProcessor` with the
+    Transformers Auto classes. Idempotent; importing the package
     calls it."""
     global _registered
     if _registered:
         return
     import transformers
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
-    from .model import modeling_multitask  # noqa: F401  (imports every head, which fills TASK_HEADS)
     from .model.configuration_modsquad import ModSquadConfig
     from .model.image_processing_modsquad import ModSquadImageProcessor
     from .model.modeling_heads import TASK_HEADS
     from .model.modeling_modsquad import ModSquadModel
+    from .model.modeling_multitask import MULTITASK_AUTO_CLASS, ModSquadForMultiTask  # (imports every head)
 
     transformers.AutoConfig.register(ModSquadConfig.model_type, ModSquadConfig, exist_ok=True)
     transformers.AutoModel.register(ModSquadConfig, ModSquadModel, exist_ok=True)
     for head in TASK_HEADS.values():
         getattr(transformers, head.auto_class).register(ModSquadConfig, head.model_class, exist_ok=True)
+    getattr(transformers, MULTITASK_AUTO_CLASS).register(ModSquadConfig, ModSquadForMultiTask, exist_ok=True)
     transformers.AutoImageProcessor.register(
         ModSquadConfig, image_processor_classes={"pil": ModSquadImageProcessor}, exist_ok=True
     )
+    # No video processor: declared, so that `AutoVideoProcessor` (which pipelines try on every model folder) answers
+    # "none" instead of guessing a remote `ModSquadVideoProcessor` from the image processor's auto_map and asking
+    # whether to run custom code. Taken from its module: the top-level name is a placeholder without torchvision.
+    AutoVideoProcessor.register(ModSquadConfig, video_processor_classes={}, exist_ok=True)
     _registered = True
 
 

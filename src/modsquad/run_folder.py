@@ -126,8 +126,10 @@ class RunFolder:
 
 
 def weight_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a `save_pretrained` folder (one, or the shards)."""
-    return sorted(Path(folder).glob("*.safetensors"))
+    """The safetensors files of a `save_pretrained` folder (one, or the shards); links that lead out of the folder
+    are not the folder's (and are never read or published)."""
+    root = Path(folder).resolve()
+    return sorted(path for path in Path(folder).glob("*.safetensors") if path.resolve().parent == root)
 
 
 def count_parameters(folder: str | Path) -> int:

@@ -251,9 +251,9 @@ def test_batches_train_the_heads(demo, processor):
     from modsquad.data import demo_task_configs
 
     # Narrow decoders keep the dense heads fast on a CPU.
-    narrow = {"decoder_channels": 16, "head_channels": 16}
+    narrow = {"object-detection": {"head_channels": 16}, "image-classification": {}}
     for task in demo_task_configs():
-        options = {k: v for k, v in narrow.items() if task["type"] != "image-classification"}
+        options = narrow.get(task["type"], {"decoder_channels": 16})
         model = models[task["name"]](tiny_config(tasks=[{**task, **options}]))
         adapter = TaskDataAdapter(task, processor, train=True)
         batch = next(iter(build_task_dataloader(demo[task["name"]]["train"], adapter, batch_size=4)))

@@ -235,8 +235,10 @@ def test_combine_two_of_our_metrics():
 def test_streaming_api_errors():
     with pytest.raises(ValueError, match="no examples were added"):
         DepthError().compute()
-    with pytest.raises(ValueError, match="options are constructor arguments"):
-        MeanIoU(num_labels=3).compute(predictions=[PREDICTION], references=[REFERENCE], num_labels=3)
+    with pytest.raises(
+        ValueError, match=r"unknown arguments \['top_k'\].*other options are constructor arguments"
+    ):
+        TopKAccuracy().compute(predictions=[[0.1, 0.9]], references=[1], top_k=(1,))
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         TopKAccuracy().add_batch(predictions=[[0.1], [0.2]], references=[0])
     with pytest.raises(ValueError, match="num_process=2"):

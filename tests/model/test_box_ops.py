@@ -1,52 +1,29 @@
-"""Box conversions, IoU / GIoU and NMS against values worked out by hand."""
+"""The box operations without a library equivalent (matched-pair GIoU, NMS) against values worked out by hand, and
+against the Transformers functions the rest of the package uses."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.image_transforms import center_to_corners_format
+from transformers.loss.loss_for_object_detection import generalized_box_iou
 
-from modsquad.model.box_ops import (
-    aligned_generalized_box_iou,
-    batched_nms,
-    box_area,
-    box_iou,
-    cxcywh_to_xyxy,
-    generalized_box_iou,
-    nms,
-    xywh_to_cxcywh,
-    xyxy_to_cxcywh,
-    xyxy_to_xywh,
-)
+from modsquad.model.box_ops import aligned_generalized_box_iou, batched_nms, nms
 
 
-def test_conversions_match_hand_values_and_round_trip():
-    cxcywh = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.1]])
-    xyxy = torch.tensor([[0.4, 0.3, 0.6, 0.7], [0.0, 0.7, 0.5, 0.8]])
-    torch.testing.assert_close(cxcywh_to_xyxy(cxcywh), xyxy)
-    torch.testing.assert_close(xyxy_to_cxcywh(xyxy), cxcywh)
-    torch.testing.assert_close(xyxy_to_xywh(xyxy), torch.tensor([[0.4, 0.3, 0.2, 0.4], [0.0, 0.7, 0.5, 0.1]]))
-    torch.testing.assert_close(
-        xywh_to_cxcywh(torch.tensor([[10.0, 20.0, 4.0, 6.0]])), torch.tensor([[12.0, 23.0, 4.0, 6.0]])
-    )
-    # Leading dimensions are kept.
-    assert cxcywh_to_xyxy(torch.rand(2, 3, 4)).shape == (2, 3, 4)
-
-
-def test_area_iou_and_giou_hand_values():
-    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+def test_aligned_giou_hand_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]]).expand(3, 4)
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [3.0, 0.0, 4.0, 2.0]])
-    torch.testing.assert_close(box_area(b), torch.tensor([4.0, 4.0, 2.0]))
-    # Overlap 1, union 4 + 4 - 1 = 7; identical boxes 1; disjoint boxes 0.
-    torch.testing.assert_close(box_iou(a, b), torch.tensor([[1 / 7, 1.0, 0.0]]))
-    # Enclosing boxes: 3x3 = 9, 2x2 = 4 and 4x2 = 8 (union 4 + 2 = 6).
-    expected_giou = torch.tensor([[1 / 7 - (9 - 7) / 9, 1.0, 0.0 - (8 - 6) / 8]])
-    torch.testing.assert_close(generalized_box_iou(a, b), expected_giou)
-    assert box_iou(b, a).shape == (3, 1)
+    # Overlap 1, union 7, enclosing 3x3; identical boxes; disjoint boxes with union 6 in an enclosing 4x2.
+    expected = torch.tensor([1 / 7 - (9 - 7) / 9, 1.0, 0.0 - (8 - 6) / 8])
+    torch.testing.assert_close(aligned_generalized_box_iou(a, b), expected)
+    # Leading dimensions are kept, as a loss over (batch, cells, 4) needs.
+    assert aligned_generalized_box_iou(b[None].expand(2, 3, 4), b[None].expand(2, 3, 4)).shape == (2, 3)
 
 
-def test_aligned_giou_is_the_diagonal_of_the_pairwise_one():
-    boxes1 = cxcywh_to_xyxy(torch.rand(5, 4) * 0.5 + 0.1)
-    boxes2 = cxcywh_to_xyxy(torch.rand(5, 4) * 0.5 + 0.1)
+def test_aligned_giou_is_the_diagonal_of_transformers_pairwise_giou():
+    boxes1 = center_to_corners_format(torch.rand(5, 4) * 0.5 + 0.1)
+    boxes2 = center_to_corners_format(torch.rand(5, 4) * 0.5 + 0.1)
     torch.testing.assert_close(
         aligned_generalized_box_iou(boxes1, boxes2), generalized_box_iou(boxes1, boxes2).diag()
     )

@@ -84,8 +84,8 @@ def test_invalid_config_raises_value_error_naming_field_value_and_accepted(overr
         ({"name": "c", "type": "image-classification", "num_labels": 0}, ["num_labels=0", "positive int"]),
         ({"name": "c", "type": "image-classification", "id2label": {0: "a", 2: "b"}}, ["0..1", "[0, 2]"]),
         (
-            {"name": "c", "type": "image-classification", "num_labels": 2, "problem_type": "regression"},
-            ["'regression'", "multi_label_classification"],
+            {"name": "c", "type": "image-classification", "num_labels": 2, "problem_type": "ranking"},
+            ["'ranking'", "multi_label_classification", "regression"],
         ),
         (
             {"name": "s", "type": "semantic-segmentation", "num_labels": 2, "ignore_index": "x"},

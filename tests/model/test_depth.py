@@ -54,7 +54,7 @@ def saved_folder(tmp_path_factory):
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
 def test_depth_at_input_resolution_positive_and_bounded(height, width):
     model = depth_model(max_depth=4.0)
-    outputs = model(torch.randn(2, 3, height, width))
+    outputs = model(torch.randn(2, 3, height, width), output_router_logits=True)
     assert isinstance(outputs, DepthEstimatorOutput) and isinstance(outputs, ModSquadDepthEstimatorOutput)
     assert outputs.predicted_depth.shape == (2, height, width)
     assert (outputs.predicted_depth > 0).all() and (outputs.predicted_depth < 4.0).all()
@@ -101,7 +101,7 @@ def test_silog_resizes_predictions_to_the_labels():
 def test_model_loss_is_silog_plus_aux_loss():
     model = depth_model(silog_lambda=0.25)
     pixel_values, labels = torch.randn(2, 3, 32, 32), 1.0 + torch.rand(2, 32, 32)
-    outputs = model(pixel_values, labels=labels)
+    outputs = model(pixel_values, labels=labels, output_router_logits=True)
     expected = silog_loss(outputs.predicted_depth, labels, silog_lambda=0.25) + outputs.aux_loss
     torch.testing.assert_close(outputs.loss, expected)
 

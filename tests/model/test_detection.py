@@ -10,6 +10,8 @@ from faster_coco_eval import COCO, COCOeval_faster
 from PIL import Image, ImageDraw
 from transformers import AutoModelForObjectDetection, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.image_transforms import center_to_corners_format
+from transformers.loss.loss_for_object_detection import box_iou
 
 from conftest import ALL_TASKS, tiny_config
 from modsquad import (
@@ -18,7 +20,6 @@ from modsquad import (
     ModSquadImageProcessor,
     ModSquadObjectDetectionOutput,
 )
-from modsquad.model.box_ops import box_iou, cxcywh_to_xyxy
 from modsquad.model.loss_detection import detection_loss, detection_targets
 from modsquad.model.processing_detection import post_process_object_detection, prepare_detection_labels
 
@@ -131,12 +132,12 @@ def test_output_shapes_square_and_non_square(height, width, stride, queries):
     model = ModSquadForObjectDetection(tiny_config([{**DET_TASK, "output_stride": stride}]))
     labels = _labels([(0, [0.3, 0.3, 0.2, 0.2]), (1, [0.7, 0.6, 0.3, 0.5])], [])
     labels[1] = {"class_labels": [], "boxes": []}  # an image without objects, as plain lists
-    out = model(torch.randn(2, 3, height, width), labels=labels)
+    out = model(torch.randn(2, 3, height, width), labels=labels, output_router_logits=True)
 
     assert isinstance(out, ModSquadObjectDetectionOutput)
     assert out.logits.shape == (2, queries, 2)
     assert out.pred_boxes.shape == (2, queries, 4)
-    corners = cxcywh_to_xyxy(out.pred_boxes)
+    corners = center_to_corners_format(out.pred_boxes)
     assert corners.min() >= 0 and corners.max() <= 1
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert set(out.loss_dict) == {"loss_heatmap", "loss_giou"}
@@ -156,7 +157,7 @@ def test_loss_is_the_heads_own_not_detrs_hungarian_loss(monkeypatch):
     model = ModSquadForObjectDetection(tiny_config([DET_TASK], balance_loss_coef=0.1)).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = _labels([(1, [0.5, 0.5, 0.25, 0.25])], [(0, [0.25, 0.75, 0.5, 0.4])])
-    out = model(pixel_values, labels=labels, output_hidden_states=True)
+    out = model(pixel_values, labels=labels, output_hidden_states=True, output_router_logits=True)
     predictions = model.head(
         model.modsquad(pixel_values, task="det", output_hidden_states=True), pixel_values
     )
@@ -234,10 +235,10 @@ def test_targets_peak_at_centres_and_give_shared_cells_to_the_smaller_box():
     assert heatmap[1, 4, 3] < 1 and heatmap[1, 4, 3] > heatmap[1, 4, 1]  # Gaussian falls off from the centre
     assert heatmap[0, :, :3].max() < 1e-3  # class 0 is far from the left edge
     # the small box owns its centre cell even though the big box also covers it
-    torch.testing.assert_close(box_targets.view(8, 8, 4)[5, 5], cxcywh_to_xyxy(boxes[1]))
-    torch.testing.assert_close(box_targets.view(8, 8, 4)[4, 4], cxcywh_to_xyxy(boxes[0]))
+    torch.testing.assert_close(box_targets.view(8, 8, 4)[5, 5], center_to_corners_format(boxes[1]))
+    torch.testing.assert_close(box_targets.view(8, 8, 4)[4, 4], center_to_corners_format(boxes[0]))
     # each object's regression weights sum to one, so big objects do not outweigh small ones
-    owners = (box_targets == cxcywh_to_xyxy(boxes[1])).all(-1)
+    owners = (box_targets == center_to_corners_format(boxes[1])).all(-1)
     torch.testing.assert_close(box_weights[owners].sum(), torch.tensor(1.0))
     torch.testing.assert_close(box_weights.sum(), torch.tensor(2.0))
 
@@ -276,6 +277,24 @@ def test_post_process_threshold_sizes_top_k_and_nms():
     # a tensor of sizes, as the pipeline passes it
     (same,) = post_process_object_detection(outputs, 0.5, torch.IntTensor([[100, 200]]))
     torch.testing.assert_close(same["boxes"], found["boxes"])
+
+
+def test_post_process_keeps_heatmap_peaks_only():
+    # a 1 x 4 map, one class: cells 0 and 1 belong to one object (1 is its peak), cell 3 is a weaker second object
+    heatmap = torch.logit(torch.tensor([0.6, 0.9, 0.2, 0.5])).view(1, 1, 1, 4)
+    boxes = torch.tensor([[[0.125, 0.5, 0.25, 1.0], [0.375, 0.5, 0.25, 1.0], [0.625, 0.5, 0.25, 1.0],
+                           [0.875, 0.5, 0.25, 1.0]]])  # fmt: skip
+    outputs = ModSquadObjectDetectionOutput(
+        logits=heatmap.flatten(2).transpose(1, 2), pred_boxes=boxes, heatmap=heatmap
+    )
+    (peaks,) = post_process_object_detection(outputs, threshold=0.0, top_k=2, nms_threshold=None)
+    torch.testing.assert_close(peaks["scores"], torch.tensor([0.9, 0.5]))
+    (cells,) = post_process_object_detection(
+        outputs, threshold=0.0, top_k=2, nms_threshold=None, peak_kernel=None
+    )
+    torch.testing.assert_close(cells["scores"], torch.tensor([0.9, 0.6]))
+    with pytest.raises(ValueError, match="peak_kernel must be an odd positive int or None, got 2"):
+        post_process_object_detection(outputs, peak_kernel=2)
 
 
 def test_post_process_rejects_bad_arguments():
@@ -381,8 +400,8 @@ def test_stock_pipeline_on_a_saved_folder(trained, tmp_path):
         [[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in truth)], dtype=torch.float
     )
     for obj, xyxy in zip(truth, true_xyxy):
-        best = max(found, key=lambda d: box_iou(xyxy[None], _box_tensor(d["box"]))[0, 0])
-        assert box_iou(xyxy[None], _box_tensor(best["box"]))[0, 0] > 0.5
+        best = max(found, key=lambda d: box_iou(xyxy[None], _box_tensor(d["box"]))[0][0, 0])
+        assert box_iou(xyxy[None], _box_tensor(best["box"]))[0][0, 0] > 0.5
         assert best["label"] == ("circle", "square")[obj["category_id"]]
     assert all(0 <= d["box"]["xmin"] < d["box"]["xmax"] <= 64 for d in found)
 

@@ -18,7 +18,7 @@ from modsquad.cli import main
 from modsquad.commands.benchmark import MoECase, format_table, measure_case
 from modsquad.model.modeling_modsquad import eager_attention_forward
 from modsquad.model.moe import ModSquadAttentionExperts, ModSquadExperts, ModSquadSparseMLP
-from modsquad.model.sorted_mm import ExpertDispatch
+from modsquad.model.sorted_mm import AUTO, ExpertDispatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ KERNELS = CPU_IMPLEMENTATIONS
 
 
 def test_the_kernels_users_can_pick_on_cpu_are_all_checked():
-    assert {"eager", SORTED_MM, "grouped_mm", "batched_mm"} <= set(CPU_IMPLEMENTATIONS)
+    assert {"eager", AUTO, SORTED_MM, "grouped_mm", "batched_mm"} <= set(CPU_IMPLEMENTATIONS)
 
 
 # ------------------------------------------------------------------------------------------- MLP experts
@@ -115,11 +115,19 @@ def test_kernel_matches_eager_outputs_and_gradients(implementation, routing_name
 def test_dispatch_gives_every_slot_its_own_row_reading_its_token():
     top_k_index = torch.tensor([[0, 1]] * 5 + [[2, 1]] * 2 + [[3, 0]])  # counts 6, 7, 2, 1
     dispatch = ExpertDispatch.from_indices(top_k_index, 5)
-    assert dispatch.counts == [6, 7, 2, 1, 0] and dispatch.num_rows == 16
+    assert dispatch.count_list == dispatch.counts.tolist() == [6, 7, 2, 1, 0] and dispatch.num_rows == 16
+    assert dispatch.offsets.tolist() == [
+        6,
+        13,
+        15,
+        16,
+        16,
+    ]  # the end row of every expert, as grouped_mm reads them
     assert sorted(dispatch.row_of_slot.tolist()) == list(range(16))
     assert_close(dispatch.token_of_slot[dispatch.row_of_slot], torch.arange(16) // 2)
     expert_of_row = [0] * 6 + [1] * 7 + [2] * 2 + [3]
     assert [expert_of_row[r] for r in dispatch.row_of_slot.tolist()] == top_k_index.reshape(-1).tolist()
+    assert dispatch.expert_of_row.tolist() == expert_of_row
 
 
 def test_sorted_mm_results_do_not_depend_on_unused_experts():
@@ -173,7 +181,7 @@ def test_checkpoint_loads_with_any_kernel_and_switches_without_changing_logits(t
         tmp_path, experts_implementation="grouped_mm"
     ).eval()
     experts = [m for m in grouped.modules() if isinstance(m, ModSquadExperts)]
-    assert model.config._experts_implementation == default.config._experts_implementation == SORTED_MM
+    assert model.config._experts_implementation == default.config._experts_implementation == AUTO
     assert experts and all(m.config._experts_implementation == "grouped_mm" for m in experts)
     with torch.no_grad():
         logits = {"grouped_mm": grouped(pixel_values).logits, SORTED_MM: default(pixel_values).logits}
@@ -223,7 +231,10 @@ def test_attention_experts_match_the_per_token_definition(attn_implementation, t
             param.normal_(0.0, 1.0 / math.sqrt(HIDDEN) if "bias" not in name else 0.1)
     hidden = torch.randn(2, 7, HIDDEN, requires_grad=True)
 
-    out, routing = module(hidden, 0)
+    routings = []  # the router's decision in this very forward (its graph carries the router's gradient)
+    module.router.register_forward_hook(lambda _module, _inputs, output: routings.append(output))
+    out, _ = module(hidden, 0)
+    routing = routings[0]
     assert len(set(routing.top_k_index.reshape(-1).tolist())) > 1  # tokens really go to different experts
     expected = _naive_attention_experts(module, hidden, routing)
     assert_close(out, expected, **TOLERANCE)
@@ -261,8 +272,8 @@ def test_benchmark_times_every_kernel_against_dense_and_skips_batched_mm_trainin
     assert "sorted_mm" in table and "skipped: forward only" in table
 
 
-def test_benchmark_command_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="--repeats must be at least 1"):
-        main(["benchmark", "moe", "--repeats", "0"])
+def test_benchmark_command_rejects_bad_arguments(capsys):
+    assert main(["benchmark", "moe", "--repeats", "0"]) == 2  # a user error: one line, exit status 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse lists the accepted implementations
         main(["benchmark", "moe", "--implementations", "sonicmoe"])

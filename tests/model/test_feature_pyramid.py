@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import ALL_TASKS, tiny_config
-from modsquad import ModSquadModel
+from modsquad import ModSquadForMultiTask, ModSquadModel, ModSquadModelOutput
 from modsquad.model.feature_pyramid import (
     ModSquadFeaturePyramid,
     ModSquadUpsample2x,
@@ -21,8 +21,8 @@ def run_pyramid(config, pixel_values: torch.Tensor, channels: int = 8) -> tuple[
     backbone = ModSquadModel(config).eval()
     pyramid = ModSquadFeaturePyramid(config, channels)
     with torch.no_grad():
-        hidden_states = backbone(pixel_values, output_hidden_states=True).hidden_states
-        return pyramid, pyramid(hidden_states, pixel_values.shape[-2:])
+        backbone_output = backbone(pixel_values, output_hidden_states=True)
+        return pyramid, pyramid(backbone_output, pixel_values.shape[-2:])
 
 
 @pytest.mark.parametrize(
@@ -75,15 +75,58 @@ def test_feature_layers_spread_over_levels(feature_layers, expected):
     assert pyramid.level_layers == expected
 
 
+def _backbone_output(hidden_states: tuple, last_hidden_state: torch.Tensor) -> ModSquadModelOutput:
+    return ModSquadModelOutput(hidden_states=hidden_states, last_hidden_state=last_hidden_state)
+
+
 def test_each_level_reads_its_own_block():
     config = tiny_config(feature_layers=[0, 1, 2, 3])
     pyramid = ModSquadFeaturePyramid(config, 8).eval()
     hidden_states = tuple(torch.randn(2, 2 + 16, config.hidden_size) for _ in range(5))
+    final = torch.randn(2, 2 + 16, config.hidden_size)
     changed = list(hidden_states)
     changed[1 + 1] = torch.randn_like(hidden_states[2])  # block 1 only
     with torch.no_grad():
-        before, after = pyramid(hidden_states, (32, 32)), pyramid(tuple(changed), (32, 32))
+        before = pyramid(_backbone_output(hidden_states, final), (32, 32))
+        after = pyramid(_backbone_output(tuple(changed), final), (32, 32))
     assert [not torch.equal(a, b) for a, b in zip(before, after)] == [False, True, False, False]
+
+
+def test_the_last_block_is_read_through_the_backbones_final_layernorm():
+    config = tiny_config(feature_layers=[0, 1, 2, 3])
+    pyramid = ModSquadFeaturePyramid(config, 8).eval()
+    hidden_states = tuple(torch.randn(2, 2 + 16, config.hidden_size) for _ in range(5))
+    with torch.no_grad():
+        before = pyramid(_backbone_output(hidden_states, torch.randn(2, 18, config.hidden_size)), (32, 32))
+        # The raw output of the last block is not read; the final-normed `last_hidden_state` is.
+        raw_changed = (*hidden_states[:-1], torch.randn_like(hidden_states[-1]))
+        same = pyramid(
+            _backbone_output(raw_changed, before_final := torch.randn(2, 18, config.hidden_size)), (32, 32)
+        )
+        again = pyramid(_backbone_output(hidden_states, before_final), (32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(same, again))
+    assert [not torch.equal(a, b) for a, b in zip(before, again)] == [False, False, False, True]
+    assert isinstance(pyramid.norms[3], nn.Identity)  # no LayerNorm of its own on top of the backbone's
+
+
+def test_dense_models_train_the_final_layernorm(all_tasks):
+    """With dense tasks only, every backbone parameter still gets a gradient (DDP's unused-parameter check)."""
+    for task in all_tasks[1:]:
+        task["head_channels" if task["type"] == "object-detection" else "decoder_channels"] = 8
+    model = ModSquadForMultiTask(tiny_config(all_tasks[1:])).train()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    labels = {
+        "seg": torch.zeros(2, 32, 32, dtype=torch.long),
+        "det": [{"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2,
+        "depth": torch.rand(2, 32, 32) + 0.5,
+    }
+    for task, task_labels in labels.items():
+        model.zero_grad(set_to_none=True)
+        model(pixel_values, task=task, labels=task_labels).loss.backward()
+        unused = [name for name, p in model.named_parameters() if p.grad is None and f"heads.{task}." in name]
+        unused += [name for name, p in model.modsquad.named_parameters() if p.grad is None]
+        assert unused == [], f"{task}: parameters without a gradient: {unused}"
+        assert model.modsquad.layernorm.weight.grad.abs().sum() > 0
 
 
 def test_tokens_to_grid_drops_prefix_tokens_and_keeps_row_major_order():
@@ -120,5 +163,6 @@ def test_bad_widths_raise():
 
 def test_missing_hidden_states_raise():
     pyramid = ModSquadFeaturePyramid(tiny_config(), 8)
-    with pytest.raises(ValueError, match="output_hidden_states=True"):
-        pyramid(None, (32, 32))
+    without = _backbone_output(None, torch.randn(2, 18, 64))
+    with pytest.raises(ValueError, match="hidden state of block 0: run it with output_hidden_states=True"):
+        pyramid(without, (32, 32))

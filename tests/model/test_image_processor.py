@@ -112,8 +112,8 @@ def test_defaults_are_imagenet_at_224():
 @pytest.mark.parametrize(
     ("image", "message"),
     [
-        ("photo.png", r"unsupported image type str.*PIL images, NumPy arrays or torch tensors"),
-        (["photo.png"], r"unsupported image type str"),
+        ("photo.png", r"no image file at 'photo.png'; pass a path to an image file, an http\(s\) URL"),
+        (["photo.png"], r"no image file at 'photo.png'"),
         (None, r"unsupported image type NoneType"),
         ([], r"no images given"),
         (np.zeros((32, 32, 2), dtype=np.uint8), r"unsupported image shape \(32, 32, 2\).*C in 1, 3, 4"),

@@ -41,6 +41,7 @@ def test_output_fields_and_shapes(moe_attention):
         num_experts=[3, 4],
         attention_num_experts=[2, 5] if moe_attention else None,
         balance_loss_coef=0.5,
+        output_router_logits=True,
     )
     model = ModSquadModel(config).eval()
     batch, tokens = 2, NUM_PREFIX_TOKENS + 16
@@ -82,14 +83,14 @@ def test_output_fields_and_shapes(moe_attention):
 
 def test_model_without_moe_blocks_has_no_routing():
     model = ModSquadModel(tiny_config(moe_layers=[])).eval()
-    out = model(_images())
+    out = model(_images(), output_router_logits=True)
     assert out.router_logits == () and out.aux_loss is None
     assert out.last_hidden_state.shape == (2, 18, 64)
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
 def test_task_by_name_and_by_id_give_the_same_result():
-    model = ModSquadModel(tiny_config(ALL_TASKS)).eval()
+    model = ModSquadModel(tiny_config(ALL_TASKS, output_router_logits=True)).eval()
     _randomise_routers(model)
     images = _images()
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_unknown_task_raises_listing_the_tasks(task):
 
 
 def test_tasks_differ_only_through_their_routers_and_task_tokens():
-    model = ModSquadModel(tiny_config(ALL_TASKS[:2], router_init_std=0.0)).eval()
+    model = ModSquadModel(tiny_config(ALL_TASKS[:2], router_init_std=0.0, output_router_logits=True)).eval()
     images = _images()
 
     def outputs():
@@ -185,7 +186,7 @@ def test_interpolation_keeps_rows_and_columns_apart():
 # ------------------------------------------------------------------------------------------ attention backends
 @pytest.mark.parametrize("moe_attention", [False, True])
 def test_sdpa_and_eager_attention_agree(tmp_path, moe_attention):
-    config = tiny_config(ALL_TASKS[:2], moe_attention=moe_attention)
+    config = tiny_config(ALL_TASKS[:2], moe_attention=moe_attention, output_router_logits=True)
     model = ModSquadModel(config)
     _randomise_routers(model)
     model.save_pretrained(tmp_path)
@@ -205,8 +206,8 @@ def test_sdpa_and_eager_attention_agree(tmp_path, moe_attention):
 def _step_loss_and_grads(model, images, labels):
     """One multi-task step as the trainer runs it: classification loss + aux loss + the step's MI loss."""
     model.zero_grad()
-    cls_out = model(images, labels=labels)
-    seg_out = model.modsquad(images, task="seg")
+    cls_out = model(images, labels=labels, output_router_logits=True)
+    seg_out = model.modsquad(images, task="seg", output_router_logits=True)
     stats = RoutingStatistics(num_tasks=2)
     stats.update(0, cls_out.router_probs)
     stats.update(1, seg_out.router_probs)
@@ -302,7 +303,7 @@ def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_pat
     # routers started at zero give uniform routing probabilities for every task
     with torch.no_grad():
         probs = ModSquadModel(tiny_config(ALL_TASKS, router_init_std=0.0))(
-            _images(), task="depth"
+            _images(), task="depth", output_router_logits=True
         ).router_probs
     assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in probs)
 
@@ -312,8 +313,8 @@ def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_pat
     "noise", [{"router_noise_std": 1.0}, {"router_jitter_noise": 0.5}], ids=["noise_std", "jitter"]
 )
 def test_router_noise_only_in_training(noise):
-    model = ModSquadModel(tiny_config(**noise))
-    reference = ModSquadModel(tiny_config())
+    model = ModSquadModel(tiny_config(**noise, output_router_logits=True))
+    reference = ModSquadModel(tiny_config(output_router_logits=True))
     _randomise_routers(model, std=0.05)
     reference.load_state_dict(model.state_dict())
     images = _images(4)

@@ -45,7 +45,7 @@ def saved_folder(tmp_path_factory):
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
 def test_logits_at_the_finest_pyramid_level(height, width):
     model = seg_model()
-    outputs = model(torch.randn(2, 3, height, width))
+    outputs = model(torch.randn(2, 3, height, width), output_router_logits=True)
     assert isinstance(outputs, SemanticSegmenterOutput) and isinstance(
         outputs, ModSquadSemanticSegmenterOutput
     )
@@ -60,7 +60,7 @@ def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index():
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = torch.randint(0, 2, (2, 32, 32))
     labels[0, :10] = 255
-    outputs = model(pixel_values, labels=labels)
+    outputs = model(pixel_values, labels=labels, output_router_logits=True)
     upsampled = nn.functional.interpolate(outputs.logits, size=(32, 32), mode="bilinear", align_corners=False)
     expected = nn.functional.cross_entropy(upsampled, labels, ignore_index=255)
     torch.testing.assert_close(outputs.loss - outputs.aux_loss, expected)
@@ -68,7 +68,7 @@ def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index():
 
 def test_fully_ignored_batch_gives_zero_loss_not_nan():
     model = seg_model()
-    outputs = model(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 255))
+    outputs = model(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 255), output_router_logits=True)
     assert torch.isfinite(outputs.loss)
     torch.testing.assert_close(outputs.loss - outputs.aux_loss, torch.tensor(0.0))
 

@@ -62,7 +62,11 @@ def test_usage_counts_every_token_slot_per_router_in_output_order(moa_model):
         assert router.fractions.sum().item() == pytest.approx(1.0)
     # the counts are the model's own choices
     with torch.no_grad():
-        out = moa_model(pixel_values=torch.cat([b["pixel_values"] for b in loader[:2]]), task="cls")
+        out = moa_model(
+            pixel_values=torch.cat([b["pixel_values"] for b in loader[:2]]),
+            task="cls",
+            output_router_logits=True,
+        )
     for router, indices in zip(usage.routers, out.expert_indices):
         assert torch.equal(router.counts, torch.bincount(indices.flatten(), minlength=NUM_EXPERTS).double())
     # a specialised task leaves experts unused, which is what pruning removes
@@ -91,7 +95,7 @@ def test_tracker_ema_and_checkpoint_round_trip(moa_model, tmp_path):
     tracker = ExpertUsageTracker(moa_model.config, decay=0.5)
     batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     with torch.no_grad():
-        outputs = [moa_model(pixel_values=b, task="seg") for b in batches]
+        outputs = [moa_model(pixel_values=b, task="seg", output_router_logits=True) for b in batches]
     for out in outputs:
         tracker.update("seg", out.expert_indices)
     tracker.update(0, outputs[0].expert_indices)  # a task id works as well as its name

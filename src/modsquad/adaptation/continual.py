@@ -9,8 +9,8 @@ parameters without one, so the old values stay bit-identical whatever the optimi
 
 The old tasks never route to the new experts: their task entries get `routable_experts` (the old expert counts), and
 their routers compute softmax and top-k over those experts only, exactly as before the growth. The default experts
-kernel, `sorted_mm`, runs one GEMM per expert over exactly its rows, so experts nobody chose change nothing: growing
-the model and then training the new task both leave the old tasks' outputs bit-identical.
+kernel on CPU, `sorted_mm`, runs one GEMM per expert over exactly its rows, so experts nobody chose change nothing:
+growing the model and then training the new task both leave the old tasks' outputs bit-identical.
 
 The grown model saves as a normal ModSquad checkpoint (state-dict hooks write each grown tensor under its usual name,
 with `num_experts` increased) and loads with `from_pretrained` or the Auto classes like any other. [`merge_added_task`]

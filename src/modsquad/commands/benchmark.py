@@ -1,4 +1,9 @@
-"""`modsquad benchmark moe | memory | samplers`.
+"""`modsquad benchmark moe | model | memory | samplers`.
+
+`moe`: one MoE MLP layer against a dense MLP of the same active size, per experts kernel.
+
+`model`: a whole ModSquad backbone (and a pruned one) against Transformers' `ViTModel` of the same active size,
+forward and training step, in images per second.
 
 `memory`: the allocator's peak memory of one multi-task training step (forward and backward) of a ViT-B/16-shaped
 Mod-Squad model, as one graph over every task micro-batch against one task graph at a time (`training.memory`).
@@ -6,8 +11,6 @@ Mod-Squad model, as one graph over every task micro-batch against one task graph
 `samplers`: the demo trained under each task-mixing strategy at equal images seen, with the per-step and the
 streaming mutual-information estimators: final metrics per task and `I(T;E)` per MoE router (see
 [`run_samplers`]).
-
-`moe`: one MoE MLP layer against a dense MLP of the same active size, per experts kernel.
 
 The MoE layer (router + experts, `ModSquadSparseMLP`) does exactly the FLOPs of a dense GELU MLP whose hidden width
 is `top_k * expert_intermediate_size`, so `moe / dense` measures the pure overhead of routing: sort, gather,
@@ -18,18 +21,25 @@ One effect interleaving cannot cancel: with several threads, every parallel oper
 on a CPU other processes keep busy that wait can last a scheduler time slice (milliseconds). The MoE layer runs
 more parallel operations than a dense MLP (router, gather, combine), so its ratio grows with the machine's load;
 `--threads 1` has no such waits and shows the kernels' own cost.
+
+The model benchmark builds the ViT-S/16 shape (12 blocks, hidden 384, 6 heads, 224 px): the dense `ViTModel` with
+MLPs of 1536, and ModSquad with every other block a mixture of 16 experts of 384, top-4 (active MLP width 1536,
+the same FLOPs per token), plus ModSquad pruned to the experts its task uses (usage collected on random images,
+experts above the uniform share kept: the same active FLOPs over fewer, more used experts). ModSquad's sequence
+has one token more (the task token: 198 against 197). A training step is forward, loss, backward and AdamW step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +51,16 @@ from ..data.mixing import STRATEGIES
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_modsquad import ModSquadMLP
 from ..model.moe import ModSquadSparseMLP
-from ..model.sorted_mm import SORTED_MM
+from ..model.sorted_mm import AUTO, SORTED_MM
 from ..training.recipe import MI_ESTIMATORS, TrainingRecipe
 
 # Kernels this command knows how to run on CPU, in table order. `batched_mm` gathers one full expert weight
-# matrix per token slot, so it is only timed for inference and only while that gather stays small.
-IMPLEMENTATIONS = ("eager", SORTED_MM, "grouped_mm", "batched_mm")
+# matrix per token slot, so it is only timed for inference and only while that gather stays small. `auto` (the
+# default of models) runs `sorted_mm` on CPU and a grouped GEMM on GPUs.
+IMPLEMENTATIONS = ("eager", SORTED_MM, "grouped_mm", "batched_mm", AUTO)
+MOE_DEFAULT_IMPLEMENTATIONS = ("eager", SORTED_MM, "grouped_mm", "batched_mm")
+WHATS = ("moe", "model", "memory", "samplers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORWARD_ONLY = ("batched_mm",)
 MODES = ("fwd", "fwd+bwd")
 DENSE = "dense"
@@ -83,6 +97,46 @@ CASES = {
 }
 
 
+@dataclass(frozen=True)
+class ModelCase:
+    """One whole-model shape: `batch` images of `image_size` px in `patch_size` px patches, `layers` blocks of width
+    `hidden` with `heads` heads; ModSquad's MoE blocks (`moe_layers`) hold `num_experts` GELU experts of
+    `expert_intermediate_size`, `top_k` per token, and the dense ViT's MLPs are `top_k * expert_intermediate_size`
+    wide."""
+
+    name: str
+    batch: int
+    image_size: int
+    patch_size: int
+    hidden: int
+    layers: int
+    heads: int
+    num_experts: int
+    expert_intermediate_size: int
+    top_k: int
+    moe_layers: str = "every_other"
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        return self.top_k * self.expert_intermediate_size
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch} at {self.image_size} px, patch {self.patch_size}: {self.layers} blocks, hidden "
+            f"{self.hidden}, MoE {self.moe_layers.replace('_', ' ')} block, {self.num_experts} experts of "
+            f"{self.expert_intermediate_size}, top-{self.top_k} (dense ViT MLP {self.dense_intermediate_size})"
+        )
+
+
+MODEL_CASES = {
+    # ViT-S/16 with Mod-Squad's MoE blocks: what the paper's small model computes per token.
+    "s16": ModelCase("s16", 8, 224, 16, 384, 12, 6, 16, 384, 4),
+}
+# Rows of the model benchmark: the dense baseline, ModSquad, ModSquad pruned; its modes.
+DENSE_VIT, MODSQUAD, PRUNED = "vit", "modsquad", "modsquad-pruned"
+MODEL_MODES = ("fwd", "fwd+bwd", "train")
+
+
 @dataclass
 class Measurement:
     """Median milliseconds of one implementation in one mode, or why it was not run.
@@ -106,26 +160,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `benchmark` sub-command's arguments to `parser`."""
     parser.add_argument(
         "what",
-        choices=["moe", "memory", "samplers"],
-        help="`moe`: time one MoE MLP layer against dense; `memory`: peak memory of a multi-task step, one graph "
-        "vs one task at a time; `samplers`: the demo under each mixing strategy, per-step vs streaming MI",
+        choices=WHATS,
+        help="what to measure: `moe`, one MoE MLP layer against dense; `model`, a whole ModSquad backbone (and a "
+        "pruned one) against a dense Transformers ViTModel of the same active size; `memory`, peak memory of a "
+        "multi-task step, one graph vs one task at a time; `samplers`, the demo under each mixing strategy, "
+        "per-step vs streaming MI",
     )
     parser.add_argument(
         "--cases",
         nargs="+",
-        choices=sorted(CASES),
-        default=sorted(CASES),
-        help="; ".join(f"{name}: {case.describe()}" for name, case in CASES.items()),
+        choices=sorted({**CASES, **MODEL_CASES}),
+        help="moe (default all): "
+        + "; ".join(f"{name}: {case.describe()}" for name, case in CASES.items())
+        + ". model (default all): "
+        + "; ".join(f"{name}: {case.describe()}" for name, case in MODEL_CASES.items()),
     )
     parser.add_argument(
         "--implementations",
         nargs="+",
-        default=list(IMPLEMENTATIONS),
         choices=IMPLEMENTATIONS,
         metavar="NAME",
-        help=f"experts implementations to time (default: {' '.join(IMPLEMENTATIONS)})",
+        help=f"experts implementations to time (moe default: {' '.join(MOE_DEFAULT_IMPLEMENTATIONS)}; model "
+        f"default: {AUTO}, the models' default)",
     )
-    parser.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (default 30)")
+    parser.add_argument(
+        "--batch-size", type=int, help="images per batch of the model benchmark (default: the case's)"
+    )
+    parser.add_argument("--device", default="cpu", help="device to time on: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="weights and inputs dtype (default float32)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (default 30 for moe, 10 for model)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODEL_MODES,
+        default=list(MODEL_MODES),
+        help="modes of the model benchmark: fwd (inference), fwd+bwd (forward, loss, backward), train (fwd+bwd "
+        "and an AdamW step, which pays for every expert's parameters); default all",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument(
@@ -153,6 +231,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    cases = CASES if args.what == "moe" else MODEL_CASES
+    if args.cases is None:
+        args.cases = sorted(cases)
+    if args.implementations is None:
+        args.implementations = list(MOE_DEFAULT_IMPLEMENTATIONS) if args.what == "moe" else [AUTO]
+    if args.repeats is None:
+        args.repeats = 30 if args.what == "moe" else 10
+    wrong = [name for name in args.cases if name not in cases]
+    if wrong:
+        raise ValueError(f"cases {wrong} are not `benchmark {args.what}` cases; accepted: {sorted(cases)}")
     unknown = [name for name in args.implementations if name not in IMPLEMENTATIONS]
     if unknown:
         raise ValueError(f"unknown experts implementations {unknown}; accepted: {list(IMPLEMENTATIONS)}")
@@ -161,6 +249,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}; accepted: {sorted(DTYPES)}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------- layers
@@ -225,22 +323,32 @@ def _step(layer: nn.Module, hidden: torch.Tensor, grad_out: torch.Tensor, mode: 
     out.backward(grad_out)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (GPU kernels run asynchronously); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleaved_samples(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device | str = "cpu"
 ) -> dict[str, list[float]]:
     """Milliseconds of every step, round after round; each round runs every step once, in an order rotated from
-    round to round, so a slow spell of a shared machine hits all steps alike.
+    round to round, so a slow spell of a shared machine hits all steps alike. On a GPU each step is timed up to
+    the end of its kernels.
 
     Returns:
         `dict[str, list[float]]`: `repeats` timings per step (the `warmup` rounds are dropped).
     """
+    device = torch.device(device)
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            _synchronize(device)
             start = time.perf_counter()
             steps[name]()
+            _synchronize(device)
             elapsed_ms = (time.perf_counter() - start) * 1e3
             if round_index >= warmup:
                 samples[name].append(elapsed_ms)
@@ -254,6 +362,8 @@ def measure_case(
     warmup: int,
     max_gather_gb: float = 2.0,
     seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> list[Measurement]:
     """Times the MoE layer of `case` under each experts implementation against the dense MLP, in both modes.
 
@@ -264,15 +374,19 @@ def measure_case(
         warmup (`int`): untimed rounds first.
         max_gather_gb (`float`): `batched_mm` is skipped above this peak gather size.
         seed (`int`): seed of weights, router and tokens.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): where to time.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): weights and tokens dtype.
 
     Returns:
         One [`Measurement`] per `(mode, implementation)`: medians in milliseconds, `ratio = moe_ms / dense_ms`.
     """
     moe, dense, config = build_layers(case, seed)
+    moe.to(device, dtype)
+    dense.to(device, dtype)
     generator = torch.Generator().manual_seed(seed + 1)
     shape = (case.batch, case.tokens, case.hidden)
-    hidden = torch.randn(shape, generator=generator).requires_grad_(True)
-    grad_out = torch.randn(shape, generator=generator)
+    hidden = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)
+    grad_out = torch.randn(shape, generator=generator).to(device, dtype)
 
     def moe_step(name: str, mode: str) -> Callable[[], None]:
         def step() -> None:
@@ -286,7 +400,7 @@ def measure_case(
         skipped = {name: skip_reason(case, name, mode, max_gather_gb) for name in implementations}
         steps = {DENSE: lambda mode=mode: _step(dense, hidden, grad_out, mode)}
         steps.update({name: moe_step(name, mode) for name in implementations if skipped[name] is None})
-        samples = interleaved_samples(steps, repeats, warmup)
+        samples = interleaved_samples(steps, repeats, warmup, device)
         dense_ms = statistics.median(samples[DENSE])
         for name in implementations:
             measurement = Measurement(case.name, name, mode, dense_ms=dense_ms, skipped=skipped[name])
@@ -296,6 +410,219 @@ def measure_case(
                 measurement.best_ratio = min(samples[name]) / min(samples[DENSE])
             results.append(measurement)
     return results
+
+
+# -------------------------------------------------------------------------------------------- whole model
+@dataclass
+class ModelMeasurement:
+    """Median milliseconds per batch of one model in one mode, with images per second, against the dense ViT.
+
+    `ratio` is `ms / dense_ms` (medians; 1.0 = dense cost, lower is faster), `best_ratio` the fastest runs'.
+    """
+
+    case: str
+    model: str
+    implementation: str | None
+    mode: str
+    batch: int
+    ms: float
+    dense_ms: float
+    images_per_second: float
+    dense_images_per_second: float
+    ratio: float
+    best_ratio: float
+
+
+def _modsquad_config(case: ModelCase, **overrides) -> ModSquadConfig:
+    return ModSquadConfig(
+        tasks=[{"name": "cls", "type": "image-classification", "num_labels": 10}],
+        hidden_size=case.hidden,
+        num_hidden_layers=case.layers,
+        num_attention_heads=case.heads,
+        image_size=case.image_size,
+        patch_size=case.patch_size,
+        num_experts=case.num_experts,
+        num_experts_per_tok=case.top_k,
+        expert_intermediate_size=case.expert_intermediate_size,
+        moe_layers=case.moe_layers,
+        **overrides,
+    )
+
+
+def build_models(case: ModelCase, seed: int = 0) -> dict[str, nn.Module]:
+    """The backbones the model benchmark compares, in eval mode on CPU.
+
+    Returns:
+        `{"vit": ViTModel, "modsquad": ModSquadModel, "modsquad-pruned": ModSquadModel}`: the dense ViT, ModSquad
+        with trained-like routers (random, logits of unit scale: tokens spread over experts as after training; a
+        fresh router is all zeros), and ModSquad pruned to the experts its task used on random images above the
+        uniform share (`1 / num_experts`) of selections.
+    """
+    from transformers import ViTConfig, ViTModel
+
+    from ..model.head_classification import ModSquadForImageClassification
+    from ..pruning.prune import prune_for_task
+    from ..pruning.usage import collect_expert_usage
+
+    torch.manual_seed(seed)
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=case.hidden,
+            num_hidden_layers=case.layers,
+            num_attention_heads=case.heads,
+            intermediate_size=case.dense_intermediate_size,
+            image_size=case.image_size,
+            patch_size=case.patch_size,
+        ),
+        add_pooling_layer=False,
+    )
+    full = ModSquadForImageClassification(_modsquad_config(case))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in full.named_parameters():
+            if name.endswith("router.weight"):
+                param.normal_(0.0, 1.0 / math.sqrt(case.hidden), generator=generator)
+    images = [
+        torch.randn(case.batch, 3, case.image_size, case.image_size, generator=generator) for _ in range(2)
+    ]
+    usage = collect_expert_usage(full, images, "cls")
+    pruned = prune_for_task(full, "cls", usage, threshold=1.0 / case.num_experts)
+    return {DENSE_VIT: vit.eval(), MODSQUAD: full.modsquad.eval(), PRUNED: pruned.modsquad.eval()}
+
+
+def _model_loss(output) -> torch.Tensor:
+    """A training loss on the backbone's tokens (heads are negligible next to it), plus ModSquad's router losses."""
+    loss = output.last_hidden_state.float().square().mean()
+    aux = getattr(output, "aux_loss", None)
+    return loss + aux if aux is not None else loss
+
+
+def _model_step(model: nn.Module, pixel_values: torch.Tensor, mode: str, optimizer=None) -> None:
+    """An inference forward (`fwd`), forward and backward (`fwd+bwd`) or a training step (`train`: and the AdamW
+    step)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            model(pixel_values)
+        return
+    model.zero_grad(set_to_none=True)
+    _model_loss(model(pixel_values)).backward()
+    if mode == "train":
+        optimizer.step()
+
+
+def measure_model_case(
+    case: ModelCase,
+    implementations: list[str],
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    models: dict[str, nn.Module] | None = None,
+    modes: Sequence[str] = MODEL_MODES,
+) -> tuple[list[ModelMeasurement], dict[str, object]]:
+    """Times the ModSquad backbone under each experts implementation and the pruned one (default kernel) against the
+    dense ViT, interleaved, for inference and training.
+
+    Args:
+        case ([`ModelCase`]): model shape and batch.
+        implementations (`list[str]`): experts implementations of the full ModSquad model (the pruned one runs the
+            first).
+        repeats (`int`): timed rounds; a round times every model once.
+        warmup (`int`): untimed rounds first.
+        seed (`int`): seed of weights, routers and images.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): where to time.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): weights and images dtype.
+        models (`dict[str, nn.Module]`, *optional*): the output of [`build_models`] (built when not given).
+        modes (`Sequence[str]`, *optional*): of `MODEL_MODES`: `fwd`, `fwd+bwd`, `train` (with an AdamW step).
+
+    Returns:
+        One [`ModelMeasurement`] per `(mode, model row)`, and facts about the models (parameters, experts kept).
+    """
+    models = models if models is not None else build_models(case, seed)
+    for model in models.values():
+        model.to(device, dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    pixel_values = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=generator)
+    pixel_values = pixel_values.to(device, dtype)
+    config = models[MODSQUAD].config
+    rows = [(MODSQUAD, name) for name in implementations] + [(PRUNED, implementations[0])]
+
+    results = []
+    unknown = [mode for mode in modes if mode not in MODEL_MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; accepted: {list(MODEL_MODES)}")
+    for mode in modes:
+        optimizers = {}
+        if mode == "train":
+            optimizers = {
+                name: torch.optim.AdamW(model.parameters(), lr=1e-6) for name, model in models.items()
+            }
+        for model in models.values():
+            model.train(mode != "fwd")
+
+        def model_step(
+            model_name: str, implementation: str | None, mode: str = mode, optimizers: dict = optimizers
+        ) -> Callable[[], None]:
+            model, optimizer = models[model_name], optimizers.get(model_name)
+
+            def step() -> None:
+                if implementation is not None:
+                    model.config._experts_implementation = implementation
+                _model_step(model, pixel_values, mode, optimizer)
+
+            return step
+
+        steps = {DENSE_VIT: model_step(DENSE_VIT, None)}
+        steps.update({f"{model}/{impl}": model_step(model, impl) for model, impl in rows})
+        samples = interleaved_samples(steps, repeats, warmup, device)
+        dense_ms = statistics.median(samples[DENSE_VIT])
+        for key in steps:
+            model_name, _, implementation = key.partition("/")
+            ms = statistics.median(samples[key])
+            results.append(
+                ModelMeasurement(
+                    case=case.name,
+                    model=model_name,
+                    implementation=implementation or None,
+                    mode=mode,
+                    batch=case.batch,
+                    ms=ms,
+                    dense_ms=dense_ms,
+                    images_per_second=case.batch / ms * 1e3,
+                    dense_images_per_second=case.batch / dense_ms * 1e3,
+                    ratio=ms / dense_ms,
+                    best_ratio=min(samples[key]) / min(samples[DENSE_VIT]),
+                )
+            )
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+    config._experts_implementation = implementations[0]
+    facts = {
+        "parameters": {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
+        "pruned_experts_per_moe_block": list(models[PRUNED].config.experts_per_layer),
+        "tokens": {DENSE_VIT: (case.image_size // case.patch_size) ** 2 + 1, MODSQUAD: None},
+    }
+    facts["tokens"][MODSQUAD] = facts["tokens"][DENSE_VIT] + 1  # the task token
+    return results, facts
+
+
+def format_model_table(case: ModelCase, measurements: list[ModelMeasurement], facts: dict) -> str:
+    """A plain-text table of one model case: median ms per batch, images per second and the ratio to dense."""
+    params = facts["parameters"]
+    lines = [
+        f"case {case.name}: {case.describe()}",
+        f"  parameters: vit {params[DENSE_VIT] / 1e6:.1f} M, modsquad {params[MODSQUAD] / 1e6:.1f} M, pruned "
+        f"{params[PRUNED] / 1e6:.1f} M (experts per MoE block {facts['pruned_experts_per_moe_block']})",
+    ]
+    header = f"  {'model':<18}{'kernel':<12}{'mode':<7}{'ms/batch':>10}{'img/s':>9}{'vs dense':>10}{'best-run ratio':>16}"
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for m in measurements:
+        lines.append(
+            f"  {m.model:<18}{m.implementation or '-':<12}{m.mode:<7}{m.ms:>10.1f}{m.images_per_second:>9.2f}"
+            f"{m.ratio:>9.2f}x{m.best_ratio:>15.2f}x"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -331,23 +658,65 @@ def run(args: argparse.Namespace) -> int:
         return run_samplers(args)
     _check_args(args)
     torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    if args.what == "moe":
+        modes = (
+            "fwd: inference (no graph); fwd+bwd: training step of the layer (router included, input gradient "
+            "included)"
+        )
+    else:
+        modes = (
+            "fwd: inference (no graph); fwd+bwd: forward, loss, backward; train: fwd+bwd and an AdamW step; "
+            "img/s per model"
+        )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; medians of {args.repeats} "
-        f"interleaved repeats after {args.warmup} warm-up rounds. fwd: inference (no graph); fwd+bwd: training "
-        f"step of the layer (router included, input gradient included). Load average at start: {_load_average()}"
+        f"torch {torch.__version__}, {where}, {args.dtype}; medians of {args.repeats} interleaved repeats after "
+        f"{args.warmup} warm-up rounds. {modes}. Load average at start: {_load_average()}"
     )
     report = []
     for name in args.cases:
-        case = CASES[name]
-        measurements = measure_case(
-            case, args.implementations, args.repeats, args.warmup, args.max_gather_gb, args.seed
-        )
+        if args.what == "moe":
+            case = CASES[name]
+            measurements = measure_case(
+                case,
+                args.implementations,
+                args.repeats,
+                args.warmup,
+                args.max_gather_gb,
+                args.seed,
+                device=device,
+                dtype=dtype,
+            )
+            table, facts = format_table(case, measurements), {}
+        else:
+            case = MODEL_CASES[name]
+            if args.batch_size is not None:
+                case = dataclasses.replace(case, batch=args.batch_size)
+            measurements, facts = measure_model_case(
+                case,
+                args.implementations,
+                args.repeats,
+                args.warmup,
+                args.seed,
+                device=device,
+                dtype=dtype,
+                modes=args.modes,
+            )
+            table = format_model_table(case, measurements, facts)
         print()
-        print(format_table(case, measurements))
-        report.append({"case": asdict(case), "measurements": [asdict(m) for m in measurements]})
+        print(table)
+        report.append({"case": asdict(case), "measurements": [asdict(m) for m in measurements], **facts})
     print(f"\nload average at end: {_load_average()}")
     if args.json:
-        summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": report}
+        summary = {
+            "what": args.what,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "dtype": args.dtype,
+            "cases": report,
+        }
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)
         print(f"wrote {args.json}")
@@ -713,18 +1082,24 @@ __all__ = [
     "CASES",
     "IMPLEMENTATIONS",
     "MEMORY_CASES",
+    "MODEL_CASES",
     "Measurement",
     "MemoryCase",
     "MoECase",
+    "ModelCase",
+    "ModelMeasurement",
     "add_arguments",
     "add_sampler_arguments",
     "build_layers",
+    "build_models",
     "format_memory_table",
+    "format_model_table",
     "format_sampler_table",
     "format_table",
     "interleaved_samples",
     "measure_case",
     "measure_memory",
+    "measure_model_case",
     "run",
     "run_memory",
     "run_samplers",

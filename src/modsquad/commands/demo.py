@@ -7,7 +7,9 @@ plots which experts each task uses, and prunes every task into a small standalon
 `runs/demo-<timestamp>`) holds:
 
 - `final/`: the trained model and its image processor (`from_pretrained`-ready);
-- `metrics.json`: per-task metrics and baselines (also printed as a table); `eval_results.json`: every metric;
+- `metrics.json`: per-task metrics and baselines (also printed as a table), the steps trained of those planned
+  (`--max-minutes` may cut training short), the time estimate printed after the first steps and the time each
+  phase took; `eval_results.json`: every metric;
 - `expert_usage/layer<i>_<mlp|attention>.png` and `expert_usage/fractions.json`: task-by-expert usage on
   validation data;
 - `training_log.jsonl`, `logs/`: the loss curve (per task, MI loss, learning rate) and tracker files;
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..model.modeling_heads import task_head_class
 from ..pruning.heatmap import plot_expert_usage
@@ -35,6 +38,8 @@ from ..pruning.prune import DEFAULT_PRUNE_THRESHOLD
 from ..pruning.run import calibration_loader, format_prune_table, prune_run
 from ..pruning.usage import collect_expert_usage, router_layout
 from ..run_folder import RunFolder
+from ..training.budget import TimeEstimate, format_minutes
+from ..training.checkpointing import check_run_folder
 from ..training.recipe import load_recipe
 from ..training.task_data import build_model, build_task_data
 from ..training.trainer import train
@@ -118,8 +123,10 @@ def demo_recipe(
     max_steps: int | None = None,
     seed: int | None = None,
     overrides: list[str] | None = None,
+    max_minutes: float | None = None,
 ):
-    """The demo's [`TrainingRecipe`], with its data size, length and seed optionally changed."""
+    """The demo's [`TrainingRecipe`], with its data size, length, seed and training time budget optionally
+    changed."""
     raw = copy.deepcopy(DEMO_RECIPE)
     raw["output_dir"] = str(output_dir)
     for task in raw["tasks"]:
@@ -134,6 +141,8 @@ def demo_recipe(
         raw["optimization"]["warmup_steps"] = min(raw["optimization"]["warmup_steps"], max_steps // 10)
     if seed is not None:
         raw["seed"] = seed
+    if max_minutes is not None:
+        raw["training"]["max_minutes"] = max_minutes
     return load_recipe(overrides=overrides, **raw)
 
 
@@ -147,7 +156,7 @@ def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarr
     each task's evaluation data (plain resize, no augmentation); rows of tasks without such data are zeros."""
     config = model.config
     tables: list[np.ndarray] | None = None
-    for task in tasks:
+    for task in tqdm(tasks, desc="expert usage", unit="task"):
         if task.eval_dataset is None:
             continue
         loader = calibration_loader(
@@ -165,6 +174,17 @@ def validation_expert_usage(model, tasks, batch_size: int = 32) -> list[np.ndarr
         for table, router in zip(tables, usage.routers):
             table[config.task_index(task.name)] = router.fractions.numpy()
     return tables or []
+
+
+def validation_usage_title(router: str, tasks) -> str:
+    """The title of the demo's heat-map of `router`, saying which data it counts: the validation split (the cards'
+    maps count the calibration images pruning used, so the two differ)."""
+    sizes = {task.name: len(task.eval_dataset) for task in tasks if task.eval_dataset is not None}
+    if len(set(sizes.values())) == 1:
+        counted = f"{next(iter(sizes.values()))} images per task"
+    else:
+        counted = ", ".join(f"{name}: {size}" for name, size in sizes.items())
+    return f"expert usage, {router}, on the validation split ({counted})"
 
 
 def trivial_baselines(datasets: dict, tasks) -> dict[str, float]:
@@ -223,7 +243,77 @@ def prune_every_task(run_dir: Path, tasks, threshold: float) -> list[dict]:
         if task.eval_dataset is not None:
             validation[task.name] = task.eval_dataset
             options[task.name] = task.evaluation_kwargs()
-    return prune_run(run.root, loaders, threshold, validation_datasets=validation, evaluation_options=options)
+    calibration = {task.name: f"the first {DEMO_CALIBRATION_IMAGES} training images" for task in tasks}
+    return prune_run(
+        run.root,
+        loaders,
+        threshold,
+        validation_datasets=validation,
+        evaluation_options=options,
+        calibration_data=calibration,
+    )
+
+
+# The demo's work after training, counted in image forwards for its time estimate: the final evaluation and the
+# expert-usage maps read every validation image once; pruning reads the calibration images three times (usage, then
+# the full and the pruned model's outputs compared) and the validation images twice (full and pruned model scored).
+VALIDATION_PASSES_AFTER_TRAINING = 4
+CALIBRATION_PASSES = 3
+# A training image costs a forward and a backward of about twice the forward's cost.
+FORWARDS_PER_TRAINING_IMAGE = 3.0
+# Per task, what does not scale with images: saving, loading and re-loading the pruned model, its plots and card.
+SECONDS_PER_TASK_AFTER_TRAINING = 4.0
+
+
+def after_training_seconds(tasks, seconds_per_step: float) -> float:
+    """Estimated wall time of the demo after its training steps (evaluation, expert-usage maps, pruning), from
+    the measured time of a training step: the images each phase reads, at the per-image forward cost a training
+    step shows, plus a fixed cost per task.
+
+    Args:
+        tasks (`list[TaskData]`): the demo's task data (SIMT: every task's batch in every step).
+        seconds_per_step (`float`): measured wall time of one training step.
+    """
+    images_per_step = sum(task.batch_size for task in tasks)
+    forward_seconds = seconds_per_step / (images_per_step * FORWARDS_PER_TRAINING_IMAGE)
+    forwards = 0
+    for task in tasks:
+        num_val = len(task.eval_dataset) if task.eval_dataset is not None else 0
+        calibration = min(DEMO_CALIBRATION_IMAGES, len(task.train_dataset))
+        forwards += VALIDATION_PASSES_AFTER_TRAINING * num_val + CALIBRATION_PASSES * calibration
+    return forwards * forward_seconds + SECONDS_PER_TASK_AFTER_TRAINING * len(tasks)
+
+
+class JobEstimate:
+    """Prints, once the training loop has timed its first steps, how long the whole demo has left, and keeps what
+    it printed for `metrics.json` (to compare with the time the phases really took)."""
+
+    def __init__(self, tasks, started: float):
+        self.tasks = tasks
+        self.started = started
+        self.summary: dict[str, Any] | None = None
+
+    def __call__(self, estimate: TimeEstimate) -> None:
+        after = after_training_seconds(self.tasks, estimate.seconds_per_step)
+        left = estimate.training_seconds_left + after
+        budget = ""
+        if estimate.planned_steps < estimate.max_steps:
+            budget = f"; the {estimate.budget_seconds / 60:g} min budget fits {estimate.planned_steps} of "
+            budget += f"{estimate.max_steps} steps"
+        tqdm.write(
+            f"~{format_minutes(left)} left: training ~{format_minutes(estimate.training_seconds_left)} "
+            f"({estimate.seconds_per_step:.2f} s/step), then evaluation, expert maps and pruning "
+            f"~{format_minutes(after)}{budget}"
+        )
+        self.summary = {
+            "at_step": estimate.step,
+            "elapsed_seconds": round(time.perf_counter() - self.started, 1),
+            "seconds_per_step": round(estimate.seconds_per_step, 3),
+            "planned_steps": estimate.planned_steps,
+            "training_seconds_left": round(estimate.training_seconds_left, 1),
+            "after_training_seconds": round(after, 1),
+            "total_seconds": round(time.perf_counter() - self.started + left, 1),
+        }
 
 
 def headline_metric(task_type: str) -> str:
@@ -258,6 +348,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="seed of the data, the model and the training")
     parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget of training, in minutes: the learning-rate schedule is fitted to the steps that fit, "
+        "training stops at the budget, then evaluation, expert maps and pruning run as usual (metrics.json "
+        "records the steps done of those planned)",
+    )
+    parser.add_argument(
         "--prune-threshold",
         type=float,
         default=DEFAULT_PRUNE_THRESHOLD,
@@ -267,17 +364,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `modsquad train`"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output-dir (otherwise such a folder is refused)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output_dir = Path(args.output_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
-    recipe = demo_recipe(output_dir, args.num_train, args.num_val, args.max_steps, args.seed, args.overrides)
+    overrides = [*(args.overrides or []), *(["overwrite=true"] if args.overwrite else [])]
+    recipe = demo_recipe(
+        output_dir, args.num_train, args.num_val, args.max_steps, args.seed, overrides, args.max_minutes
+    )
+    # Refuse a folder holding another run before the data is generated (the trainer checks again).
+    check_run_folder(recipe.output_dir, recipe.resume, recipe.overwrite)
     print(f"modsquad demo -> {output_dir}")
     tasks, processor = build_task_data(recipe)
     generated = time.perf_counter()
     model = build_model(recipe, tasks)
-    result = train(recipe, model, tasks, processor)
+    job_estimate = JobEstimate(tasks, started)
+    result = train(recipe, model, tasks, processor, on_estimate=job_estimate)
     if result.interrupted is not None:
         print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
         return 128 + max(result.interrupted, 0)
@@ -292,7 +400,10 @@ def run(args: argparse.Namespace) -> int:
     names = router_names(model.config)
     for name, table in zip(names, usage):
         plot_expert_usage(
-            table, model.config.task_names, usage_dir / f"{name}.png", title=f"expert usage, {name}"
+            table,
+            model.config.task_names,
+            usage_dir / f"{name}.png",
+            title=validation_usage_title(name, tasks),
         )
     (usage_dir / "fractions.json").write_text(
         json.dumps({name: table.tolist() for name, table in zip(names, usage)}, indent=1)
@@ -309,6 +420,10 @@ def run(args: argparse.Namespace) -> int:
         "baselines": baselines,
         "pruning": [{key: row.get(key) for key in PRUNING_SUMMARY_KEYS} for row in pruning_rows],
         "steps": result.step,
+        "planned_steps": result.max_steps,
+        "training_cut_short": result.out_of_time,
+        "max_minutes": recipe.training.max_minutes,
+        "estimate": job_estimate.summary,
         "seconds": {
             "data": round(generated - started, 1),
             "training_and_evaluation": round(trained - generated, 1),
@@ -318,6 +433,11 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if result.out_of_time:
+        print(
+            f"training was cut short at the {recipe.training.max_minutes:g} min budget: {result.step} of "
+            f"{result.max_steps} steps (metrics below are of the shorter run)"
+        )
     print(metrics_table(result.metrics, task_types, baselines))
     print(f"\npruned task models (threshold {args.prune_threshold}) in {output_dir / 'tasks'}:")
     print(format_prune_table(pruning_rows))
@@ -329,9 +449,12 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "DEMO_RECIPE",
+    "JobEstimate",
+    "after_training_seconds",
     "demo_recipe",
     "metrics_table",
     "router_names",
     "trivial_baselines",
     "validation_expert_usage",
+    "validation_usage_title",
 ]

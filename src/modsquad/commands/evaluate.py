@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from ..data.loading import load_split
 from ..data.schemas import BBOX_FORMATS, parse_columns
+from ..locations import check_path_or_repo_id
 from ..metrics.evaluation import evaluate_model
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import task_head_class
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_evaluation(checkpoint: str, task: str | None, device: str | None = None):
     """Loads `(model, processor, task entry)`: the single-task model of `task` through its Auto class."""
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(check_path_or_repo_id(checkpoint, "checkpoint"))
     if not isinstance(config, ModSquadConfig):
         raise ValueError(
             f"{checkpoint!r} holds a {type(config).__name__} (model_type={config.model_type!r}); "

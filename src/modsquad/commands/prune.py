@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     datasets = _per_task(args.dataset, "=", tasks, "--dataset")
     columns = {t: parse_columns(c) for t, c in _per_task(args.columns, ":", tasks, "--columns").items()}
 
-    loaders, validation, options = {}, {}, {}
+    loaders, validation, options, described = {}, {}, {}, {}
     if datasets:
         from transformers import AutoImageProcessor
 
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         for task, source in datasets.items():
             entry = config.get_task(task)
             calibration = load_split(source, split=args.calibration_split or args.split)
+            rows = min(args.calibration_samples, len(calibration))
+            described[task] = f"the first {rows} rows of {source} [{args.calibration_split or args.split}]"
             loaders[task] = calibration_loader(
                 entry, processor, calibration, args.calibration_samples, args.batch_size, columns.get(task)
             )
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         evaluation_options=options,
         min_experts=args.min_experts,
         license=args.license,
+        calibration_data=described,
     )
     print(f"pruned {len(rows)} task(s) of {folder.model_dir} into {folder.tasks_dir}")
     print(format_prune_table(rows))

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", action="append", dest="tasks", help="push only these task models (repeatable)"
     )
     parser.add_argument("--private", action="store_true", default=None, help="create the repos private")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument(
+        "--token", help="Hub token (default: HF_TOKEN, or the login saved by `hf auth login`)"
+    )
     parser.add_argument("--license", default="apache-2.0", help="license on the model cards (Hub license id)")
     parser.add_argument("--base-model", help="Hub id of the dense model the main model was upcycled from")
     parser.add_argument(
@@ -38,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `modsquad push`; returns the exit status."""
+    """Runs `modsquad push`; returns the exit status. What each repo receives (and what is left out) is printed
+    before anything is uploaded."""
     uploaded = push_run(
         args.run,
         args.repo_id,
@@ -49,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         commit_message=args.commit_message,
         dry_run=args.dry_run,
+        log=lambda line: print(line, flush=True),
     )
-    verb = "would upload" if args.dry_run else "uploaded"
-    for repo_id, files in uploaded.items():
-        print(f"{verb} {len(files)} files to {repo_id}: {', '.join(files)}")
+    if not args.dry_run:
+        print(f"done: {len(uploaded)} repos published: {', '.join(uploaded)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Datasets for modsquad: Hub column schemas per task type (`schemas`), loading datasets (`loading`), rows to
+"""Datasets to model batches: Hub column schemas per task type (`schemas`), loading datasets (`loading`), rows to
 model samples (`adapter`) with consistent augmentations (`transforms`), reproducible task DataLoaders (`batching`),
 multi-task mixing (`mixing`) and the synthetic demo benchmark (`demo`)."""
 

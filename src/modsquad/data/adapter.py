@@ -9,11 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..model.configuration_modsquad import TASK_TYPES
+from ..model.configuration_modsquad import TASK_TYPES, check_bool, task_option
 from ..model.image_processing_modsquad import check_image
 from ..model.processing_detection import BOX_TOLERANCE_PX
 from .schemas import task_schema
 from .transforms import AugmentConfig, TaskSample, augment_sample, resize_sample
+
+# Depths beyond this multiple of the head's `max_depth` cannot be right for the task (a wrong unit, or max_depth).
+DEPTH_RANGE_FACTOR = 2.0
 
 
 def collate_task_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -22,7 +25,8 @@ def collate_task_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         `dict` with `pixel_values` (`torch.FloatTensor` of shape `(batch_size, 3, H, W)`) and `labels`: stacked
         tensors (class ids `(batch_size,)`, multi-hot `(batch_size, num_labels)`, segmentation `(batch_size, H, W)`
-        int64, depth `(batch_size, H, W)` float32) or, for detection, the list of per-image label dicts.
+        int64, depth `(batch_size, H, W)` float32) or, for detection, the list of per-image label dicts; plus
+        `skipped_rows` (`[(row, reason), ...]`) when some samples stand in for rows that could not be used.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -30,10 +34,15 @@ def collate_task_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if len(sizes) > 1:
         raise ValueError(f"samples of one batch must share a size, got pixel_values shapes {sorted(sizes)}")
     labels = [s["labels"] for s in samples]
-    return {
+    batch = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "labels": labels if isinstance(labels[0], Mapping) else torch.stack(labels),
     }
+    # Rows replaced because they could not be used (see `AdaptedDataset`) travel with the batch to the trainer.
+    skipped = [item for s in samples for item in s.get("skipped_rows", ())]
+    if skipped:
+        batch["skipped_rows"] = skipped
+    return batch
 
 
 class TaskDataAdapter:
@@ -99,40 +108,78 @@ class TaskDataAdapter:
         if self.task_type == "semantic-segmentation":
             options.setdefault("ignore_index", self.ignore_index)
             if "reduce_labels" in self.task:
-                options.setdefault("reduce_labels", bool(self.task["reduce_labels"]))
+                options.setdefault("reduce_labels", self.task["reduce_labels"])
         if self.task_type == "object-detection" and "bbox_format" in self.task:
             options.setdefault("bbox_format", self.task["bbox_format"])
+        if self.task_type == "depth-estimation":
+            if self.task.get("depth_scale") is not None:
+                options.setdefault("depth_scale", self.task["depth_scale"])
+            self.max_depth = float(task_option(self.task, "max_depth"))
         self.schema = task_schema(self.task_type, columns, **options)
         self.processor = processor
-        self.train = bool(train)
+        self.train = check_bool("train", train)
         self.output_size = _output_size(image_size, processor)
         self.augment = _augment_config(augment, self.task_type)
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------------------------------------ reading
-    def read_sample(self, row: Mapping[str, Any]) -> tuple[TaskSample, Any]:
+    def read_sample(self, row: Mapping[str, Any], index: int | None = None) -> tuple[TaskSample, Any]:
         """A row as a [`TaskSample`] (image and dense/box targets in pixels) and its image-level label (class id
-        or multi-hot vector for classification, else None). Raises a ValueError for invalid annotations."""
+        or multi-hot vector for classification, else None). Raises a ValueError for an image or annotations that
+        cannot be right, naming the dataset row `index` when given."""
         if not isinstance(row, Mapping):
             raise ValueError(f"a row must be a dict of columns (a `datasets` row), got {type(row).__name__}")
         self.schema.check_columns(row)
+        at = 0 if index is None else index
+        try:
+            return self._read_sample(row, at)
+        except ValueError as error:
+            message = str(error)
+            # The schema's own messages already say which row; the adapter's checks say it here.
+            if index is not None and not message.startswith(f"row {index}"):
+                raise ValueError(f"row {index}: {message}") from error
+            raise
+
+    def _read_sample(self, row: Mapping[str, Any], at: int) -> tuple[TaskSample, Any]:
         columns = self.schema.columns
         image = to_rgb_image(row[columns["image"]])
         if self.task_type == "image-classification":
-            return TaskSample(image=image), self._class_label(row)
+            return TaskSample(image=image), self._class_label(row, at)
         if self.task_type == "object-detection":
-            boxes, classes = self.schema.boxes_and_labels(row[columns["objects"]])
+            boxes, classes = self.schema.boxes_and_labels(row[columns["objects"]], at)
             self._check_classes(classes, "object categories")
             return TaskSample(image=image, boxes=_checked_boxes(boxes, image), class_labels=classes), None
         single = {columns["image"]: [row[columns["image"]]]}
         if self.task_type == "semantic-segmentation":
-            mask = self.schema.label_maps({**single, columns["annotation"]: [row[columns["annotation"]]]})[0]
+            mask = self.schema.label_maps(
+                {**single, columns["annotation"]: [row[columns["annotation"]]]}, at
+            )[0]
             self._check_classes(mask[mask != self.ignore_index], "segmentation map values")
             return TaskSample(image=image, mask=mask), None
-        depth = self.schema.depth_maps({**single, columns["depth_map"]: [row[columns["depth_map"]]]})[0]
+        depth = self.schema.depth_maps({**single, columns["depth_map"]: [row[columns["depth_map"]]]}, at)[0]
+        self._check_depth(depth)
         return TaskSample(image=image, depth=depth), None
 
-    def _class_label(self, row: Mapping[str, Any]) -> torch.Tensor:
+    def _check_depth(self, depth: np.ndarray) -> None:
+        """A depth map must have measurements, in a range the head can predict: a map without any valid pixel
+        trains on nothing, and depths far beyond `max_depth` mean a wrong unit (see `DepthSchema`)."""
+        valid = depth[depth > 0]
+        if not valid.size:
+            raise ValueError("the depth map has no valid pixel (all 0, negative or non-finite)")
+        if float(valid.max()) > DEPTH_RANGE_FACTOR * self.max_depth:
+            scale = self.schema.depth_scale
+            rule = (
+                f"depth_scale={scale:g}"
+                if scale is not None
+                else "no depth_scale: integer maps are mm, floats m"
+            )
+            raise ValueError(
+                f"the depth map reaches {float(valid.max()):.4g} m (median {float(np.median(valid)):.4g} m), far above "
+                f"max_depth={self.max_depth:g} m: is the unit right ({rule})? Set the task's depth_scale (label units "
+                "per stored unit) or raise its max_depth"
+            )
+
+    def _class_label(self, row: Mapping[str, Any], at: int = 0) -> torch.Tensor:
         if self.multi_label:
             value = row[self.schema.columns["label"]]
             ids = np.asarray(value).reshape(-1)
@@ -142,7 +189,7 @@ class TaskDataAdapter:
             target = torch.zeros(self.num_labels, dtype=torch.float32)
             target[torch.as_tensor(ids, dtype=torch.long)] = 1.0
             return target
-        label = self.schema.references([row])[0]
+        label = self.schema.references([row], at)[0]
         self._check_classes(np.array([label]), "class id")
         return torch.tensor(label, dtype=torch.long)
 
@@ -158,7 +205,9 @@ class TaskDataAdapter:
             )
 
     # ---------------------------------------------------------------------------------------------- adapting
-    def __call__(self, row: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
+    def __call__(
+        self, row: Mapping[str, Any], rng: np.random.Generator | None = None, index: int | None = None
+    ) -> dict[str, Any]:
         """One row -> `{"pixel_values": FloatTensor (3, H, W), "labels": ...}` (see the class docstring).
 
         Args:
@@ -166,8 +215,9 @@ class TaskDataAdapter:
             rng (`numpy.random.Generator`, *optional*): randomness of the augmentation (the DataLoader of
                 `build_task_dataloader` passes one per row, so batches are reproducible); the adapter's own
                 generator when not given.
+            index (`int`, *optional*): the row's index in its dataset, which errors name.
         """
-        sample, label = self.read_sample(row)
+        sample, label = self.read_sample(row, index)
         if self.train and self.augment is not None:
             sample = augment_sample(
                 sample, self.augment, self.output_size, rng or self._rng, self.ignore_index

@@ -52,22 +52,95 @@ class SeededSampler(Sampler[tuple[int, int]]):
             yield index, epoch_seed
 
 
+class BadRowError(ValueError):
+    """A dataset row that cannot be used: its stored data does not decode, or its image or annotations cannot be
+    right. The message names the row."""
+
+
+# Rows tried in a row before a run stops: that many bad rows in sequence mean the dataset or its options are wrong.
+MAX_CONSECUTIVE_BAD_ROWS = 10
+
+
+def adapt_row(
+    dataset: Any, adapter: TaskDataAdapter, index: int, rng: np.random.Generator | None
+) -> dict[str, Any]:
+    """Row `index` of `dataset` through `adapter`; a [`BadRowError`] naming the row (and the task) when it cannot
+    be read or adapted. Decoding errors (a truncated or corrupt image file) count as bad rows whatever their type;
+    of the adapting, only the ValueErrors of its checks and OSErrors do (anything else is a bug, not the data's)."""
+    task = adapter.task.get("name")
+    try:
+        row = dataset[index]
+    except Exception as error:  # whatever a corrupt file makes the decoder raise
+        raise BadRowError(
+            f"task {task!r}: row {index} cannot be read: {type(error).__name__}: {error}"
+        ) from error
+    try:
+        return adapter(row, rng=rng, index=index)
+    except (ValueError, OSError) as error:
+        message = str(error)
+        where = "" if message.startswith(f"row {index}") else f"row {index}: "
+        raise BadRowError(f"task {task!r}: {where}{message}") from error
+
+
 class AdaptedDataset(Dataset):
     """A map-style dataset of adapted rows, indexed by the `(row index, epoch seed)` pairs of [`SeededSampler`]
-    (a bare row index adapts with the adapter's own generator)."""
+    (a bare row index adapts with the adapter's own generator).
 
-    def __init__(self, dataset: Any, adapter: TaskDataAdapter):
+    Args:
+        dataset: the rows (map-style).
+        adapter ([`TaskDataAdapter`]): turns rows into samples.
+        skip_bad_rows (`bool`, *optional*, defaults to `False`): replace a row that raises a [`BadRowError`] by the
+            next good row (deterministically: the same on every pass and after a resume) and list the skipped rows
+            under the sample's `"skipped_rows"` (`[(row, reason), ...]`, which the batch carries on); after
+            `MAX_CONSECUTIVE_BAD_ROWS` bad rows in sequence, raise. When `False`, the first bad row raises.
+    """
+
+    def __init__(self, dataset: Any, adapter: TaskDataAdapter, skip_bad_rows: bool = False):
         self.dataset = dataset
         self.adapter = adapter
+        self.skip_bad_rows = skip_bad_rows
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        if isinstance(key, tuple):
-            index, epoch_seed = key
-            return self.adapter(self.dataset[index], rng=np.random.default_rng([epoch_seed, index]))
-        return self.adapter(self.dataset[key])
+        index, epoch_seed = key if isinstance(key, tuple) else (key, None)
+        skipped: list[tuple[int, str]] = []
+        attempts = min(MAX_CONSECUTIVE_BAD_ROWS, len(self)) if self.skip_bad_rows else 1
+        for offset in range(attempts):
+            row = (index + offset) % len(self)
+            rng = np.random.default_rng([epoch_seed, row]) if epoch_seed is not None else None
+            try:
+                sample = adapt_row(self.dataset, self.adapter, row, rng)
+            except BadRowError as error:
+                if not self.skip_bad_rows:
+                    raise
+                skipped.append((row, str(error)))
+                continue
+            if skipped:
+                sample["skipped_rows"] = skipped
+            return sample
+        raise BadRowError(
+            f"{len(skipped)} bad rows in a row ({', '.join(str(r) for r, _ in skipped)}): the dataset or its options "
+            f"(columns, bbox_format, labels, depth_scale, ...) are wrong, not a row. First: {skipped[0][1]}"
+        )
+
+
+class AdaptedStreamRows(Dataset):
+    """Adapts the rows of a stream handed to a DataLoader as `(undecoded row, epoch seed, key)` "indices" by its
+    sampler (see `StreamingTaskStream`): the main process only reads the stream, in order; DataLoader workers decode
+    each row with the stream's `features` and augment it with a generator seeded by `(epoch seed, *key)`, so the
+    batches are the same for any number of workers and after a resume."""
+
+    def __init__(self, features: Any, adapter: TaskDataAdapter):
+        self.features = features
+        self.adapter = adapter
+
+    def __getitem__(self, item: tuple[dict[str, Any], int, tuple[int, ...]]) -> dict[str, Any]:
+        row, epoch_seed, key = item
+        if self.features is not None:
+            row = self.features.decode_example(row)
+        return self.adapter(row, rng=np.random.default_rng([epoch_seed, *key]))
 
 
 class AdaptedIterableDataset(IterableDataset):
@@ -93,7 +166,14 @@ class AdaptedIterableDataset(IterableDataset):
             # `datasets` shuffles the shard order and a buffer of rows; its seed must fit 32 bits.
             rows = rows.shuffle(seed=pass_seed % 2**32, buffer_size=self.buffer_size)
         for count, row in enumerate(rows):
-            yield self.adapter(row, rng=np.random.default_rng([pass_seed, worker, count]))
+            try:
+                yield self.adapter(row, rng=np.random.default_rng([pass_seed, worker, count]), index=count)
+            except (ValueError, OSError) as error:
+                # A stream has no row index: `count` is the item's position in this worker's pass.
+                raise BadRowError(
+                    f"task {self.adapter.task.get('name')!r}, worker {worker} of the stream, in this pass's order: "
+                    f"{error}"
+                ) from error
 
 
 def build_task_dataloader(
@@ -170,8 +250,12 @@ def _is_stream(dataset: Any) -> bool:
 
 
 __all__ = [
+    "MAX_CONSECUTIVE_BAD_ROWS",
     "AdaptedDataset",
     "AdaptedIterableDataset",
+    "AdaptedStreamRows",
+    "BadRowError",
     "SeededSampler",
+    "adapt_row",
     "build_task_dataloader",
 ]

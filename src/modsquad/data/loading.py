@@ -14,6 +14,8 @@ from typing import Any
 
 import datasets
 
+from ..locations import check_path_or_repo_id
+
 # File extension -> the `datasets` packaged builder that reads it.
 FILE_BUILDERS = {
     ".parquet": "parquet",
@@ -44,6 +46,7 @@ def load_split(
     Returns:
         `datasets.Dataset`
     """
+    check_path_or_repo_id(dataset, "dataset")
     if os.path.isfile(dataset):
         extension = os.path.splitext(dataset)[1].lower()
         if extension not in FILE_BUILDERS:
@@ -116,6 +119,7 @@ def load_task_dataset(
             f"path_or_id must be a Hub dataset id, a local folder or a data file path, got {path_or_id!r}"
         )
     path = os.fspath(path_or_id)
+    check_path_or_repo_id(path, "dataset")
     if os.path.isfile(path):
         extension = os.path.splitext(path)[1].lower()
         if extension not in FILE_BUILDERS:

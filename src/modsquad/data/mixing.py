@@ -17,6 +17,13 @@ What an "epoch" means (`MultiTaskMixer.steps_per_epoch`): under `simt`, the numb
 task has been seen once (smaller tasks wrap around and are seen more often); under the sampling strategies, the
 number of steps that draws as many micro-batches as one pass over every dataset (`sum_t batches_t /
 tasks_per_step`), i.e. every dataset once in expectation under `proportional`.
+
+Streamed datasets (`datasets.IterableDataset`) go through a [`StreamingTaskStream`] instead: shuffled with a buffer
+(the same seed on every process), split across processes with `datasets.distributed.split_dataset_by_node`, and
+resumed by skipping the rows already seen in the epoch. A stream does not know its length: its epoch is a declared
+number of rows (`num_rows`), or the stream is endless (each process starts a new pass when its share runs out) and
+a run is measured in steps only; `steps_per_epoch` is then `None`. The sampling strategies that weigh tasks by size
+(`proportional`, `temperature`) need the declared length.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Subset
+
+# `datasets` shuffles streams with seeds below 2**32.
+_STREAM_SEED_BOUND = 2**32
 
 STRATEGIES = ("simt", "proportional", "temperature", "uniform")
 
@@ -189,11 +199,189 @@ class TaskStream:
         self._iterator = None
 
 
+class StreamingTaskStream:
+    """Endless, deterministic, sharded batches of one task whose dataset is streamed (`datasets.IterableDataset`).
+
+    Every pass (epoch) shuffles the stream with a seed derived from `(seed, task_index, epoch)` (shard order and a
+    buffer of `buffer_size` rows; the same on every process), then keeps this process's share with
+    `datasets.distributed.split_dataset_by_node` (whole shards when their number divides the number of processes,
+    else every `num_replicas`-th row). `make_loader(rows, epoch)` turns the share into batches of `batch_size`
+    (keeping full batches only); `rows` yields `(key, row)` pairs, `key = (rank, position in this process's pass)`
+    (what a row's augmentation should be seeded by), with rows left undecoded (`IterableDataset.decode(False)`, so
+    that DataLoader workers decode them: `dataset.features.decode_example(row)`).
+
+    An epoch is `num_rows` rows (`num_rows // (batch_size * num_replicas)` batches per process, all processes in
+    step), or, without `num_rows`, one pass over this process's share (processes may then start their next passes
+    at different steps; each one's position is saved, see `MultiTaskMixer.gather_stream_states`). Resuming skips the
+    rows already seen in the epoch: nothing is decoded or augmented for them, so the batches that follow are exactly
+    those of the uninterrupted run.
+
+    Args:
+        dataset (`datasets.IterableDataset`): the training stream.
+        batch_size (`int`): batch size per process.
+        make_loader (`Callable`): `(rows, epoch) -> iterable of batches`, called once per pass (and on resume).
+        num_rows (`int`, *optional*): rows of one epoch; without it the stream is measured in steps only.
+        seed (`int`, *optional*, defaults to 0): base seed of the shuffles.
+        task_index (`int`, *optional*, defaults to 0): distinguishes the shuffles of tasks sharing a seed.
+        num_replicas (`int`, *optional*, defaults to 1): number of processes the stream is split over.
+        rank (`int`, *optional*, defaults to 0): this process.
+        shuffle (`bool`, *optional*, defaults to `True`): shuffle every pass (else keep the stream's order).
+        buffer_size (`int`, *optional*, defaults to 1000): rows of the shuffle buffer.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        make_loader: Callable[[Iterable, int], Iterable],
+        num_rows: int | None = None,
+        seed: int = 0,
+        task_index: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        buffer_size: int = 1000,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} must be in [0, num_replicas={num_replicas})")
+        if num_rows is not None and (
+            isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1
+        ):
+            raise ValueError(f"num_rows must be a positive int or None, got {num_rows!r}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.make_loader = make_loader
+        self.num_samples = num_rows
+        self.seed = seed
+        self.task_index = task_index
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.buffer_size = buffer_size
+        self.batches_per_epoch: int | None = None
+        if num_rows is not None:
+            global_batch = batch_size * num_replicas
+            self.batches_per_epoch = num_rows // global_batch
+            if self.batches_per_epoch == 0:
+                raise ValueError(
+                    f"task {task_index}: {num_rows} rows cannot fill one global batch of {global_batch} "
+                    f"(batch_size={batch_size} x {num_replicas} processes); lower the batch size or add data"
+                )
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+        self._iterator: Iterator | None = None
+        self._rank_states: list[dict[str, int]] | None = None
+
+    def epoch_rows(self, epoch: int, start_row: int = 0) -> Iterator[tuple[tuple[int, int], Any]]:
+        """This process's `(key, undecoded row)` pairs of `epoch`, from its row `start_row` on."""
+        from datasets.distributed import split_dataset_by_node
+
+        rows = self.dataset
+        if hasattr(rows, "decode") and getattr(rows, "features", None):
+            rows = rows.decode(False)
+        if self.shuffle:
+            seed = epoch_seed(self.seed, self.task_index, epoch) % _STREAM_SEED_BOUND
+            options = {}
+            if self._shards_per_process() == 1:
+                # Nothing to interleave: reading a single shard directly also spares the 5 s pause `datasets`
+                # makes whenever it stops interleaving shard readers (an Arrow workaround), at every pass's end.
+                options["max_buffer_input_shards"] = 1
+            rows = rows.shuffle(seed=seed, buffer_size=self.buffer_size, **options)
+        if self.num_replicas > 1:
+            rows = split_dataset_by_node(rows, rank=self.rank, world_size=self.num_replicas)
+        if start_row:
+            rows = rows.skip(start_row)
+        for offset, row in enumerate(rows):
+            yield (self.rank, start_row + offset), row
+
+    def _shards_per_process(self) -> int:
+        shards = getattr(self.dataset, "num_shards", 1) or 1
+        # split_dataset_by_node hands out whole shards when they divide evenly, else every process reads them all.
+        return shards // self.num_replicas if shards % self.num_replicas == 0 else shards
+
+    def _open(self) -> None:
+        # As in TaskStream: loaders draw worker seeds from the global torch RNG; keep them out of the model's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, self.task_index, self.epoch))
+            start = self.position * self.batch_size
+            self._iterator = iter(self.make_loader(self.epoch_rows(self.epoch, start), self.epoch))
+
+    def __iter__(self) -> StreamingTaskStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self.batches_per_epoch is not None and self.position >= self.batches_per_epoch:
+            self._next_epoch()
+        if self._iterator is None:
+            self._open()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.batches_per_epoch is not None:
+                raise RuntimeError(
+                    f"task {self.task_index}: process {self.rank}'s share of the stream ended after {self.position} "
+                    f"of the {self.batches_per_epoch} batches an epoch of num_rows={self.num_samples} needs; "
+                    "declare fewer rows, or give the stream a number of shards that splits evenly over the "
+                    f"{self.num_replicas} processes"
+                ) from None
+            if self.position == 0:
+                raise RuntimeError(
+                    f"task {self.task_index}: process {self.rank}'s share of the stream holds fewer than "
+                    f"batch_size={self.batch_size} rows; lower the batch size or add data"
+                ) from None
+            self._next_epoch()  # steps only: this process starts its next pass
+            self._open()
+            batch = next(self._iterator)
+        self.position += 1
+        self._rank_states = None  # gathered for a checkpoint of an earlier step
+        return batch
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+        self._iterator = None
+
+    def gather_states(self, gather: Callable[[list], list]) -> None:
+        """Collects every process's `(epoch, position)` (a collective: call it on every process), so that
+        `state_dict`, saved by the main process, resumes each of them where it was."""
+        self._rank_states = gather([{"epoch": self.epoch, "position": self.position}])
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples,
+        }
+        if self.num_replicas > 1:
+            state["num_replicas"] = self.num_replicas
+            state["ranks"] = self._rank_states or [{"epoch": self.epoch, "position": self.position}] * (
+                self.num_replicas
+            )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            raise ValueError(
+                f"task {self.task_index}: the checkpoint was taken with num_rows={state['num_samples']}, this run "
+                f"declares {self.num_samples}; resuming would not reproduce the data order"
+            )
+        if state.get("num_replicas", 1) != self.num_replicas:
+            raise ValueError(
+                f"task {self.task_index}: the checkpoint split the stream over {state.get('num_replicas', 1)} "
+                f"processes, this run has {self.num_replicas}; resume with the same number of processes"
+            )
+        mine = state["ranks"][self.rank] if "ranks" in state else state
+        self.epoch, self.position = int(mine["epoch"]), int(mine["position"])
+        self._iterator = None
+
+
 class MultiTaskMixer:
     """Yields, step after step, the task micro-batches of one multi-task training step.
 
     Args:
-        streams (`dict[str, TaskStream]`): one stream per task, in task order.
+        streams (`dict[str, TaskStream | StreamingTaskStream]`): one stream per task, in task order.
         strategy (`str`, *optional*, defaults to `"simt"`): `"simt"`, `"proportional"`, `"temperature"` or
             `"uniform"` (see the module docstring).
         temperature (`float`, *optional*, defaults to 2.0): `tau` of the `"temperature"` strategy.
@@ -223,9 +411,15 @@ class MultiTaskMixer:
         self.task_names = list(self.streams)
         self.strategy = strategy
         self.temperature = temperature
-        self.probabilities = task_probabilities(
-            [s.num_samples for s in self.streams.values()], strategy, temperature
-        )
+        sizes = [s.num_samples for s in self.streams.values()]
+        unknown = [name for name, size in zip(self.task_names, sizes) if size is None]
+        if unknown and strategy in ("proportional", "temperature"):
+            raise ValueError(
+                f"mixing strategy {strategy!r} weighs tasks by their number of rows, but the streamed tasks "
+                f"{unknown} do not declare one (num_rows); declare it or use 'simt' or 'uniform'"
+            )
+        # Under simt and uniform the sizes are not used: a stream of unknown length counts as 1.
+        self.probabilities = task_probabilities([size or 1 for size in sizes], strategy, temperature)
         if tasks_per_step is None:
             tasks_per_step = len(self.task_names)
         if not isinstance(tasks_per_step, int) or tasks_per_step < 1:
@@ -240,9 +434,12 @@ class MultiTaskMixer:
         self.step = 0
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Steps of one epoch (see the module docstring for the definition)."""
+    def steps_per_epoch(self) -> int | None:
+        """Steps of one epoch (see the module docstring for the definition); `None` when a streamed task has no
+        declared length (the run is then measured in steps only)."""
         batches = [s.batches_per_epoch for s in self.streams.values()]
+        if any(b is None for b in batches):
+            return None
         if self.strategy == "simt":
             return max(batches)
         return max(1, -(-sum(batches) // self.tasks_per_step))
@@ -260,6 +457,18 @@ class MultiTaskMixer:
         batches = [(task, next(self.streams[task])) for task in self.tasks_for_step(self.step)]
         self.step += 1
         return batches
+
+    def gather_stream_states(self, gather: Callable[[list], list]) -> None:
+        """Before a checkpoint, on every process (a collective): collects each process's position in its share of
+        every streamed task, which may differ between processes, so that the checkpoint resumes all of them.
+
+        Args:
+            gather (`Callable`): all-gathers a one-element list into the list of every process's element, in rank
+                order (`accelerate.utils.gather_object`).
+        """
+        for stream in self.streams.values():
+            if isinstance(stream, StreamingTaskStream) and stream.num_replicas > 1:
+                stream.gather_states(gather)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -283,4 +492,12 @@ class MultiTaskMixer:
             self.streams[name].load_state_dict(stream_state)
 
 
-__all__ = ["STRATEGIES", "MultiTaskMixer", "TaskStream", "epoch_seed", "subset", "task_probabilities"]
+__all__ = [
+    "STRATEGIES",
+    "MultiTaskMixer",
+    "StreamingTaskStream",
+    "TaskStream",
+    "epoch_seed",
+    "subset",
+    "task_probabilities",
+]

@@ -27,9 +27,8 @@ import numpy as np
 from PIL import Image
 from transformers.image_utils import get_image_size
 
+from ..model.configuration_modsquad import BBOX_FORMATS, check_bool, check_number
 from ..model.processing_dense import to_2d_array
-
-BBOX_FORMATS = ("xywh", "xyxy")
 
 
 def parse_columns(text: str) -> dict[str, str]:
@@ -109,17 +108,19 @@ class TaskSchema(ABC):
         columns = self._columns_of(batch)
         return list(columns[self.columns["image"]])
 
-    def processor_inputs(self, batch) -> tuple[list, dict[str, list]]:
+    def processor_inputs(self, batch, start: int = 0) -> tuple[list, dict[str, list]]:
         """`(images, targets)` such that `processor(images=images, **targets)` prepares the batch with its labels.
 
         Classification has no processor targets (its labels go to the model directly): see [`references`].
+        `start` is the dataset row of the batch's first row: errors name dataset rows.
         """
         columns = self._columns_of(batch)
-        return list(columns[self.columns["image"]]), self._targets(columns)
+        return list(columns[self.columns["image"]]), self._targets(columns, start)
 
-    def references(self, batch) -> list:
-        """The references of a batch in the format of the task type's metric, at the original image size."""
-        return self._references(self._columns_of(batch))
+    def references(self, batch, start: int = 0) -> list:
+        """The references of a batch in the format of the task type's metric, at the original image size (`start`:
+        the dataset row of the batch's first row, which errors name)."""
+        return self._references(self._columns_of(batch), start)
 
     def _columns_of(self, batch) -> dict[str, list]:
         columns = as_columns(batch)
@@ -127,10 +128,10 @@ class TaskSchema(ABC):
         return columns
 
     @abstractmethod
-    def _targets(self, columns: dict[str, list]) -> dict[str, list]: ...
+    def _targets(self, columns: dict[str, list], start: int = 0) -> dict[str, list]: ...
 
     @abstractmethod
-    def _references(self, columns: dict[str, list]) -> list: ...
+    def _references(self, columns: dict[str, list], start: int = 0) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,13 @@ class ClassificationSchema(TaskSchema):
     task_type: ClassVar[str] = "image-classification"
     default_columns: ClassVar[dict[str, str]] = {"image": "image", "label": "label"}
 
-    def _targets(self, columns: dict[str, list]) -> dict[str, list]:
+    def _targets(self, columns: dict[str, list], start: int = 0) -> dict[str, list]:
         return {}
 
-    def _references(self, columns: dict[str, list]) -> list[int]:
+    def _references(self, columns: dict[str, list], start: int = 0) -> list[int]:
         name = self.columns["label"]
         labels = []
-        for index, label in enumerate(columns[name]):
+        for index, label in enumerate(columns[name], start):
             if isinstance(label, (bool, str)) or not isinstance(label, (int, np.integer)):
                 raise ValueError(
                     f"row {index}: column {name!r} holds {label!r} ({type(label).__name__}); labels must be int class "
@@ -213,18 +214,23 @@ class DetectionSchema(TaskSchema):
             raise ValueError(f"row {index}: {len(boxes)} boxes but {len(labels)} categories")
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"row {index}: categories must be int class ids, got {labels.dtype}")
+        if not np.isfinite(boxes).all():
+            bad = boxes[~np.isfinite(boxes).all(axis=1)]
+            raise ValueError(
+                f"row {index}: boxes {bad[:3].tolist()} have non-finite (NaN or infinite) coordinates"
+            )
         if self.bbox_format == "xywh":
             boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
         return boxes, labels.astype(np.int64)
 
-    def _rows(self, columns: dict[str, list]):
+    def _rows(self, columns: dict[str, list], start: int = 0):
         for index, objects in enumerate(columns[self.columns["objects"]]):
-            yield index, *self.boxes_and_labels(objects, index)
+            yield index, *self.boxes_and_labels(objects, start + index)
 
-    def _targets(self, columns: dict[str, list]) -> dict[str, list]:
+    def _targets(self, columns: dict[str, list], start: int = 0) -> dict[str, list]:
         image_ids = columns.get("image_id") or list(range(len(columns[self.columns["image"]])))
         annotations = []
-        for index, boxes, labels in self._rows(columns):
+        for index, boxes, labels in self._rows(columns, start):
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
             objects = [
                 {
@@ -238,8 +244,8 @@ class DetectionSchema(TaskSchema):
             annotations.append({"image_id": image_ids[index], "annotations": objects})
         return {"annotations": annotations}
 
-    def _references(self, columns: dict[str, list]) -> list[dict[str, np.ndarray]]:
-        return [{"boxes": boxes, "labels": labels} for _, boxes, labels in self._rows(columns)]
+    def _references(self, columns: dict[str, list], start: int = 0) -> list[dict[str, np.ndarray]]:
+        return [{"boxes": boxes, "labels": labels} for _, boxes, labels in self._rows(columns, start)]
 
 
 @dataclass(frozen=True)
@@ -261,10 +267,18 @@ class SegmentationSchema(TaskSchema):
     reduce_labels: bool = False
     ignore_index: int = 255
 
-    def label_maps(self, columns: dict[str, list]) -> list[np.ndarray]:
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("reduce_labels", self.reduce_labels)
+        check_number("ignore_index", self.ignore_index, integer=True)
+
+    def label_maps(self, columns: dict[str, list], start: int = 0) -> list[np.ndarray]:
+        """The class-id maps of a batch (`start`: the dataset row of its first row, which errors name)."""
         name = self.columns["annotation"]
         maps = []
-        for index, (image, annotation) in enumerate(zip(columns[self.columns["image"]], columns[name])):
+        for index, (image, annotation) in enumerate(
+            zip(columns[self.columns["image"]], columns[name]), start
+        ):
             array = to_2d_array(annotation, name, index)
             if not np.issubdtype(array.dtype, np.integer):
                 raise ValueError(
@@ -279,39 +293,77 @@ class SegmentationSchema(TaskSchema):
             maps.append(array)
         return maps
 
-    def _targets(self, columns: dict[str, list]) -> dict[str, list]:
-        return {"segmentation_maps": self.label_maps(columns)}
+    def _targets(self, columns: dict[str, list], start: int = 0) -> dict[str, list]:
+        return {"segmentation_maps": self.label_maps(columns, start)}
 
-    def _references(self, columns: dict[str, list]) -> list[np.ndarray]:
-        return self.label_maps(columns)
+    def _references(self, columns: dict[str, list], start: int = 0) -> list[np.ndarray]:
+        return self.label_maps(columns, start)
 
 
 @dataclass(frozen=True)
 class DepthSchema(TaskSchema):
-    """`image`, `depth_map` (a float map; 0, negative and non-finite values mark missing measurements).
+    """`image`, `depth_map` (a map of depths; 0, negative and non-finite values mark missing measurements).
 
-    References and processor targets: float32 `(height, width)` maps at the original size, with every invalid pixel
-    set to 0 (the processor's and the metric's "no measurement").
+    The unit rule: depth in label units (metres) = stored value x `depth_scale`. Without `depth_scale`, float maps
+    (PIL "F" images, float arrays) are metres and integer maps (uint16 PNGs, PIL "I;16" / "I" images, int arrays)
+    are millimetres, as NYU Depth v2's raw data and ScanNet store them (`depth_scale = 0.001`). Other encodings set
+    it: KITTI's uint16 PNGs hold metres x 256 (`depth_scale: 0.00390625`), TUM RGB-D's metres x 5000 (`0.0002`).
+
+    Args:
+        columns (`Mapping[str, str]`, *optional*): role -> column name.
+        depth_scale (`float`, *optional*): label units per stored unit (see above).
+
+    References and processor targets: float32 `(height, width)` maps at the original size, in metres, with every
+    invalid pixel set to 0 (the processor's and the metric's "no measurement").
     """
 
     task_type: ClassVar[str] = "depth-estimation"
     default_columns: ClassVar[dict[str, str]] = {"image": "image", "depth_map": "depth_map"}
 
-    def depth_maps(self, columns: dict[str, list]) -> list[np.ndarray]:
+    depth_scale: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        scale = self.depth_scale
+        if scale is not None and (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not np.isfinite(scale)
+            or scale <= 0
+        ):
+            raise ValueError(
+                f"depth_scale must be a finite number > 0 (label units per stored unit), got {scale!r}"
+            )
+
+    def scale_for(self, array: np.ndarray) -> float:
+        """The factor from a stored map's values to metres (see the class docstring)."""
+        if self.depth_scale is not None:
+            return float(self.depth_scale)
+        return 0.001 if np.issubdtype(array.dtype, np.integer) else 1.0
+
+    def depth_maps(self, columns: dict[str, list], start: int = 0) -> list[np.ndarray]:
+        """The depth maps of a batch in metres (`start`: the dataset row of its first row, which errors name)."""
         name = self.columns["depth_map"]
         maps = []
-        for index, (image, depth_map) in enumerate(zip(columns[self.columns["image"]], columns[name])):
-            array = to_2d_array(depth_map, name, index).astype(np.float32)
-            _check_size(array, image, name, index)
+        for index, (image, depth_map) in enumerate(zip(columns[self.columns["image"]], columns[name]), start):
+            raw = to_2d_array(depth_map, name, index)
+            if raw.dtype == bool or not (
+                np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+            ):
+                raise ValueError(
+                    f"row {index}: column {name!r} holds {raw.dtype} values; depth maps hold numbers"
+                )
+            _check_size(raw, image, name, index)
+            array = raw.astype(np.float64) * self.scale_for(raw)
             with np.errstate(invalid="ignore"):
-                maps.append(np.where(np.isfinite(array) & (array > 0), array, np.float32(0)))
+                maps.append(np.where(np.isfinite(array) & (array > 0), array, 0.0).astype(np.float32))
         return maps
 
-    def _targets(self, columns: dict[str, list]) -> dict[str, list]:
-        return {"depth_maps": self.depth_maps(columns)}
+    def _targets(self, columns: dict[str, list], start: int = 0) -> dict[str, list]:
+        return {"depth_maps": self.depth_maps(columns, start)}
 
-    def _references(self, columns: dict[str, list]) -> list[np.ndarray]:
-        return self.depth_maps(columns)
+    def _references(self, columns: dict[str, list], start: int = 0) -> list[np.ndarray]:
+        return self.depth_maps(columns, start)
 
 
 SCHEMAS: dict[str, type[TaskSchema]] = {
@@ -327,7 +379,7 @@ def task_schema(task_type: str, columns: Mapping[str, str] | str | None = None, 
             `"depth-estimation"`.
         columns (`Mapping[str, str]` or `str`, *optional*): role -> column name, or the `"role=column,..."` form.
         **options: options of that schema (`bbox_format` for detection; `reduce_labels`, `ignore_index` for
-            segmentation).
+            segmentation; `depth_scale` for depth).
 
     Returns:
         [`TaskSchema`]

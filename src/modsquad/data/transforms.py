@@ -9,10 +9,12 @@ applying it to the image, the boxes, the segmentation mask and the depth map kee
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from PIL import Image
+
+from ..model.configuration_modsquad import check_number, reject_unknown_keys
 
 GEOMETRIES = ("random_resized_crop", "scale_jitter", "resize")
 # Padding colour of images: the ImageNet mean, which normalises to ~0 and so adds no spurious edge energy.
@@ -62,11 +64,8 @@ class AugmentConfig:
         self.crop_ratio = _check_range("crop_ratio", self.crop_ratio)
         self.jitter_scale = _check_range("jitter_scale", self.jitter_scale)
         for name in ("hflip_prob", "min_box_visibility"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not isinstance(self.min_box_size, (int, float)) or self.min_box_size < 0:
-            raise ValueError(f"min_box_size must be a number >= 0 (output pixels), got {self.min_box_size!r}")
+            check_number(name, getattr(self, name), minimum=0, maximum=1)
+        check_number("min_box_size (output pixels)", self.min_box_size, minimum=0)
 
     @classmethod
     def for_task_type(cls, task_type: str, **overrides) -> AugmentConfig:
@@ -84,6 +83,7 @@ class AugmentConfig:
         }
         if task_type not in defaults:
             raise ValueError(f"unknown task type {task_type!r}; accepted: {sorted(defaults)}")
+        reject_unknown_keys(overrides, [f.name for f in fields(cls)], "augment")
         return cls(**{**defaults[task_type], **overrides})
 
 
@@ -91,12 +91,16 @@ def _check_range(name: str, value, upper: float | None = None) -> tuple[float, f
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 2
-        or not all(isinstance(v, (int, float)) for v in value)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
         or not 0 < value[0] <= value[1]
         or (upper is not None and value[1] > upper)
     ):
         limit = f" <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a (low, high) pair of finite numbers with 0 < low <= high{limit}, got {value!r}"
+        )
     return float(value[0]), float(value[1])
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..metrics.evaluation import summary_metrics
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import task_head_class
-from ..pruning.usage import ExpertUsage, router_layout, router_positions
 from ..run_folder import (
     PRUNING_FILE,
     USAGE_FILE,
@@ -36,7 +36,14 @@ PRUNED_TEMPLATE = TEMPLATES / "pruned_task.md.jinja"
 CITATION_FILE = TEMPLATES / "citation.bib"
 CARD_FILE = "README.md"
 DEFAULT_LICENSE = "apache-2.0"
-BASE_TAGS = ["modsquad", "mixture-of-experts", "vision-transformer"]
+BASE_TAGS = ["modsquad", "mixture-of-experts", "vision-transformer", "vision"]
+# An image of the task's own data, saved next to the weights by `prune_run`; the Hub's inference widget shows it.
+EXAMPLE_IMAGE = "example.jpg"
+# How a model relates to its `base_model`, as the Hub defines it: one of "adapter", "merge", "quantized",
+# "finetune". A model upcycled from a dense checkpoint and trained from its weights is a fine-tune of it. A pruned
+# task model is none of the four (its weights are a subset of its parent's, not trained, merged, adapted or
+# quantized), so its card names its parent as `base_model` and states no relation.
+UPCYCLED_RELATION = "finetune"
 # What a Hub repo id looks like: `name` or `namespace/name`.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 MAX_LABELS_SHOWN = 12
@@ -125,17 +132,18 @@ def _citation() -> str:
     return CITATION_FILE.read_text(encoding="utf-8").strip()
 
 
-def _usage_source(usage: ExpertUsage) -> str:
-    if usage.source == "calibration":
-        return f"counted over {usage.tokens} tokens of calibration data"
-    return (
-        "exponential moving average during training" if usage.source == "ema" else usage.source or "recorded"
-    )
+def _usage_source(record: Mapping[str, Any]) -> str:
+    """Where an expert-usage record (one task's entry of `expert_usage.json`, see `ExpertUsage.to_dict`) came from."""
+    source = record.get("source")
+    if source == "calibration":
+        return f"counted over {record.get('tokens', 0)} tokens of calibration data"
+    return "exponential moving average during training" if source == "ema" else source or "recorded"
 
 
 def _eval_results(
     task: Mapping[str, Any], values: Mapping[str, float], dataset: str | None
 ) -> list[EvalResult]:
+    """The `model-index` entries of one task: its defined summary metrics only (see [`summary_metrics`])."""
     return [
         EvalResult(
             task_type=task_head_class(task["type"]).pipeline_tag,
@@ -144,10 +152,35 @@ def _eval_results(
             dataset_name=dataset or f"{task['name']} evaluation data",
             metric_type=name,
             metric_name=name,
-            metric_value=float(value),
+            metric_value=value,
         )
-        for name, value in values.items()
+        for name, value in summary_metrics(values, task).items()
     ]
+
+
+def save_example_image(folder: str | Path, image: Any) -> Path:
+    """Saves `image` (a PIL image, or an array) as the folder's example image, shown by the card's widget.
+
+    Args:
+        folder (`str` or `Path`): a `save_pretrained` folder.
+        image: an image of the task's data.
+
+    Returns:
+        `Path` of the written JPEG.
+    """
+    from PIL import Image
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    path = Path(folder) / EXAMPLE_IMAGE
+    picture.convert("RGB").save(path, quality=90)
+    return path
+
+
+def _widget(folder: Path, repo_id: str | None, title: str) -> list[dict[str, str]] | None:
+    """The Hub inference widget's example: the folder's example image, once it has a Hub address to load from."""
+    if repo_id is None or not (folder / EXAMPLE_IMAGE).is_file():
+        return None
+    return [{"src": f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE}", "example_title": title}]
 
 
 def _data_text(source: str | None) -> str | None:
@@ -187,7 +220,11 @@ def render_multitask_card(
     folder = Path(folder)
     config = ModSquadConfig.from_pretrained(folder)
     model_name = (repo_id or folder.name).split("/")[-1]
-    metrics = {t: dict(v) for t, v in (metrics or {}).items() if t in config.task_names}
+    metrics = {
+        task["name"]: summary_metrics(metrics[task["name"]], task)
+        for task in config.tasks
+        if task["name"] in (metrics or {})
+    }
     training_data = {t: s for t, s in (training_data or {}).items() if t in config.task_names}
     datasets = sorted({d for d in (hub_id(s, folder) for s in training_data.values()) if d})
     eval_results = [
@@ -196,21 +233,27 @@ def render_multitask_card(
         if task["name"] in metrics
         for result in _eval_results(task, metrics[task["name"]], hub_id(training_data.get(task["name"])))
     ]
+    base = hub_id(base_model)
+    extra = {"base_model_relation": UPCYCLED_RELATION} if base else {}
+    widget = _widget(folder, repo_id, f"{config.tasks[0]['name']} example")
+    if widget:
+        extra["widget"] = widget
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task_head_class(config.tasks[0]["type"]).pipeline_tag,
         tags=[*BASE_TAGS, "multi-task", *sorted({t["type"] for t in config.tasks})],
         datasets=datasets or None,
-        base_model=hub_id(base_model),
+        base_model=base,
         license=license,
         metrics=sorted({name for values in metrics.values() for name in values}) or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
+        **extra,
     )
     usage_plot, usage_source = None, None
     if (folder / USAGE_FILE).is_file() and (folder / USAGE_PLOT).is_file():
-        usages = [ExpertUsage.from_dict(u) for u in json.loads((folder / USAGE_FILE).read_text())]
-        usage_plot, usage_source = USAGE_PLOT, _usage_source(usages[0]) if usages else None
+        records = json.loads((folder / USAGE_FILE).read_text())
+        usage_plot, usage_source = USAGE_PLOT, _usage_source(records[0]) if records else None
     return ModelCard.from_template(
         data,
         template_path=str(MULTITASK_TEMPLATE),
@@ -241,27 +284,41 @@ def render_multitask_card(
 # ------------------------------------------------------------------------------------------------- pruned
 def _experts_rows(config: ModSquadConfig) -> list[dict[str, Any]]:
     parent = config.pruned_from or {}
-    position = router_positions(config)
+    # Per router kind: kept indices, the parent's counts, this model's counts, and the blocks with such experts (the
+    # per-block lists are indexed by position among those blocks).
     kinds = {
         "attention": (
             config.pruned_attention_experts,
             parent.get("attention_num_experts"),
             config.attention_experts_per_layer,
+            config.attention_moe_layer_indices,
         ),
-        "mlp": (config.pruned_experts, parent.get("num_experts"), config.experts_per_layer),
+        "mlp": (
+            config.pruned_experts,
+            parent.get("num_experts"),
+            config.experts_per_layer,
+            config.moe_layer_indices,
+        ),
     }
     rows = []
-    for slot in router_layout(config):
-        kept_lists, parent_totals, totals = kinds[slot.kind]
-        if kept_lists is None:
-            continue
-        index = position[slot.kind][slot.block]
-        totals = parent_totals or totals
-        total = totals[index] if isinstance(totals, list) else totals
-        kept = kept_lists[index]
-        rows.append(
-            {"name": slot.name, "kept": len(kept), "total": total, "indices": ", ".join(map(str, kept))}
-        )
+    # The routers in the model's order (`pruning.usage.router_layout`): block by block, attention before MLP.
+    for block in sorted({*config.moe_layer_indices, *config.attention_moe_layer_indices}):
+        for kind in ("attention", "mlp"):
+            kept_lists, parent_totals, totals, blocks = kinds[kind]
+            if kept_lists is None or block not in blocks:
+                continue
+            index = blocks.index(block)
+            totals = parent_totals or totals
+            total = totals[index] if isinstance(totals, list) else totals
+            kept = kept_lists[index]
+            rows.append(
+                {
+                    "name": f"block {block} {kind}",
+                    "kept": len(kept),
+                    "total": total,
+                    "indices": ", ".join(map(str, kept)),
+                }
+            )
     return rows
 
 
@@ -279,10 +336,10 @@ def experts_kept_text(config: ModSquadConfig) -> str:
 
 
 def _metric_rows(
-    report: Mapping[str, Any] | None, parent_metrics: Mapping[str, float]
+    report: Mapping[str, Any] | None, parent_metrics: Mapping[str, float], task: Mapping[str, Any]
 ) -> list[dict[str, str]]:
-    before = dict((report or {}).get("metrics_before") or parent_metrics)
-    after = dict((report or {}).get("metrics_after") or {})
+    before = summary_metrics((report or {}).get("metrics_before") or parent_metrics, task)
+    after = summary_metrics((report or {}).get("metrics_after") or {}, task)
     names = list(dict.fromkeys([*before, *after]))
     return [
         {
@@ -330,24 +387,26 @@ def render_task_card(
     parent_name = parent_repo_id or hub_id(parent.get("name_or_path"))
     model_name = (repo_id or folder.name).split("/")[-1]
     report = dict(report or {})
-    metrics_after = report.get("metrics_after") or {}
+    metrics_after = summary_metrics(report.get("metrics_after") or {}, task)
     dataset = hub_id(training_data, folder)
     eval_results = _eval_results(task, metrics_after, dataset) if metrics_after else []
+    widget = _widget(folder, repo_id, f"{task['name']} example")
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task_head_class(task["type"]).pipeline_tag,
         tags=[*BASE_TAGS, "pruned", task["type"]],
         datasets=[dataset] if dataset else None,
-        base_model=parent_name,
+        base_model=parent_name,  # no base_model_relation: see UPCYCLED_RELATION
         license=license,
         metrics=sorted(metrics_after) or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
+        **({"widget": widget} if widget else {}),
     )
     usage_plot, usage_source = None, None
     if (folder / USAGE_FILE).is_file() and (folder / USAGE_PLOT).is_file():
         usage_plot = USAGE_PLOT
-        usage_source = _usage_source(ExpertUsage.from_dict(json.loads((folder / USAGE_FILE).read_text())))
+        usage_source = _usage_source(json.loads((folder / USAGE_FILE).read_text()))
     if parent_name:
         parent_link = f"[{parent_name}](https://huggingface.co/{parent_name})"
     else:
@@ -383,7 +442,7 @@ def render_task_card(
         parent_parameters_text=human_count(parent.get("num_parameters"))
         if parent.get("num_parameters")
         else None,
-        metrics=_metric_rows(report, parent_metrics or {}),
+        metrics=_metric_rows(report, parent_metrics or {}, task),
         training_data=_data_text(training_data),
         license=license,
         citation=_citation(),
@@ -481,11 +540,13 @@ def write_run_cards(run: RunFolder, **kwargs: Any) -> list[Path]:
 
 __all__ = [
     "CARD_FILE",
+    "EXAMPLE_IMAGE",
     "experts_kept_text",
     "hub_id",
     "pruning_rows",
     "render_multitask_card",
     "render_run_cards",
     "render_task_card",
+    "save_example_image",
     "write_run_cards",
 ]

@@ -1,4 +1,5 @@
-"""Evaluation metrics shipped with modsquad, compatible with Hugging Face `evaluate`.
+"""Evaluation metrics and the evaluation loop: metrics shipped with modsquad, compatible with Hugging Face `evaluate`,
+and `evaluate_model` (`evaluation`), which runs a model over a dataset split and scores it with its task's metric.
 
 Each metric is an `evaluate.Metric` subclass in its own script, so it can be used either way:
 

@@ -8,10 +8,17 @@ from typing import Any
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 
 from ..data.schemas import TaskSchema, image_size, task_schema
-from ..model.image_processing_modsquad import ModSquadImageProcessor
+from ..model.configuration_modsquad import check_number
+from ..model.image_processing_modsquad import ModSquadImageProcessor, check_image
 from . import DepthError, MeanAveragePrecision, MeanIoU, StreamingMetric, TopKAccuracy
+from .mean_average_precision import UNDEFINED as COCO_UNDEFINED
+from .mean_iou import PER_CATEGORY_KEYS
+
+# How `flatten_metrics` names one class's entry of a per-class result: `per_category_iou` -> `iou_<label>`.
+PER_CATEGORY_PREFIX = "per_category_"
 
 
 def task_metric(
@@ -24,7 +31,7 @@ def task_metric(
         min_depth, max_depth (`float`, *optional*): valid depth range of a depth-estimation task.
 
     Returns:
-        [`TopKAccuracy`] (top-1 and top-5), [`MeanIoU`] (with the task's `num_labels` and `ignore_index`),
+        [`TopKAccuracy`] (top-1, and top-5 for more than 5 classes), [`MeanIoU`] (with the task's `num_labels` and `ignore_index`),
         [`MeanAveragePrecision`] or [`DepthError`].
     """
     task_type = task["type"]
@@ -37,11 +44,12 @@ def task_metric(
             raise ValueError(
                 f"task {task['name']!r} is multi-label; evaluation supports single_label_classification only"
             )
-        return TopKAccuracy(top_k=(1, 5))
+        # Top-5 of five classes or fewer is 1 whatever the model does: not a measurement.
+        return TopKAccuracy(top_k=(1, 5) if task["num_labels"] > 5 else (1,))
     if task_type == "semantic-segmentation":
         return MeanIoU(num_labels=task["num_labels"], ignore_index=task.get("ignore_index", 255))
     if task_type == "object-detection":
-        return MeanAveragePrecision()
+        return MeanAveragePrecision(num_labels=task["num_labels"])
     if task_type == "depth-estimation":
         return DepthError(min_depth=min_depth, max_depth=max_depth)
     raise ValueError(f"no metric for task type {task_type!r}")
@@ -89,14 +97,47 @@ def flatten_metrics(result: Mapping[str, Any], id2label: Mapping[int, str] | Non
     flat = {}
     for key, value in result.items():
         if isinstance(value, (list, tuple)):
-            stem = key.removeprefix("per_category_")
             for class_id, class_value in enumerate(value):
                 if not math.isnan(class_value):
-                    label = id2label.get(class_id, str(class_id)) if id2label else str(class_id)
-                    flat[f"{stem}_{label}"] = float(class_value)
+                    flat[per_class_name(key, _label(id2label, class_id))] = float(class_value)
         else:
             flat[key] = float(value)
     return flat
+
+
+def per_class_name(key: str, label: str) -> str:
+    """The flat name of one class's value of the per-class result `key`, e.g. `("per_category_iou", "cat")` ->
+    `"iou_cat"`."""
+    return f"{key.removeprefix(PER_CATEGORY_PREFIX)}_{label}"
+
+
+def _label(id2label: Mapping[int, str] | None, class_id: int) -> str:
+    return id2label.get(class_id, str(class_id)) if id2label else str(class_id)
+
+
+def summary_metrics(metrics: Mapping[str, float], task: Mapping[str, Any]) -> dict[str, float]:
+    """The values of `metrics` (as [`evaluate_model`] returns them) that describe the task as a whole and are
+    defined: per-class entries, NaN and COCO's -1 ("undefined on this split") are left out. What a model card
+    publishes.
+
+    Args:
+        metrics (`Mapping[str, float]`): flat metrics of one task.
+        task (`Mapping`): the task's entry of `ModSquadConfig.tasks` (its labels name the per-class entries).
+
+    Returns:
+        `dict[str, float]`, in the order of `metrics`.
+    """
+    id2label = {int(k): v for k, v in (task.get("id2label") or {}).items()}
+    class_ids = range(task.get("num_labels") or len(id2label))
+    per_class = {per_class_name(key, _label(id2label, i)) for key in PER_CATEGORY_KEYS for i in class_ids}
+    summary = {}
+    for name, value in metrics.items():
+        if name in per_class or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if task.get("type") == "object-detection" and value == COCO_UNDEFINED:
+            continue
+        summary[name] = float(value)
+    return summary
 
 
 @torch.inference_mode()
@@ -114,6 +155,7 @@ def evaluate_model(
     reduce_labels: bool | None = None,
     min_depth: float | None = None,
     max_depth: float | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Runs a ModSquad model over a dataset in the Hub schema of its task and returns the task's metrics, computed at
     the ORIGINAL size of every image.
@@ -132,9 +174,10 @@ def evaluate_model(
         bbox_format (`str`, *optional*): detection box format of the dataset, `"xywh"` (default, COCO) or `"xyxy"`.
         reduce_labels (`bool`, *optional*): segmentation datasets whose id 0 is "other" (scene_parse_150).
         min_depth, max_depth (`float`, *optional*): valid depth range (depth-estimation).
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar of the images evaluated.
 
     Returns:
-        `dict[str, float]`: classification `accuracy`, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
+        `dict[str, float]`: classification `accuracy` and, with more than 5 classes, `top5_accuracy`; segmentation `mean_iou`, `mean_accuracy`,
         `overall_accuracy` and `iou_<label>` / `accuracy_<label>`; detection `map`, `map_50`, `map_75`, ... (COCO,
         -1 where undefined); depth `abs_rel`, `rmse`, `delta1`, `delta2`, `delta3`.
     """
@@ -144,6 +187,9 @@ def evaluate_model(
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    for name, value in (("min_depth", min_depth), ("max_depth", max_depth)):
+        check_number(name, value, minimum=0, optional=True)
     task_name, pass_task = resolve_task(model, task)
     entry = model.config.get_task(task_name)
     task_type = entry["type"]
@@ -151,24 +197,46 @@ def evaluate_model(
     metric = task_metric(entry, min_depth=min_depth, max_depth=max_depth)
     if getattr(dataset, "column_names", None):
         schema.check_columns(dataset.column_names)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
     if max_samples is not None:
         dataset = dataset.take(max_samples)
+        total = max_samples if total is None else min(total, max_samples)
 
     was_training = model.training
     model.eval()
     parameter = next(model.parameters())
     task_kwargs = {"task": task_name} if pass_task else {}
+    bar = tqdm(total=total, desc=f"evaluate {task_name}", unit="img", leave=False, disable=not progress)
     try:
-        for batch in dataset.iter(batch_size=batch_size):
+        start = 0
+        batches = iter(dataset.iter(batch_size=batch_size))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as error:  # a corrupt image file fails while the batch is decoded
+                raise ValueError(
+                    f"rows {start}..{start + batch_size - 1} of the evaluation data cannot be read: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             images = schema.images(batch)
-            references = schema.references(batch)
+            references = schema.references(batch, start)
+            for offset, image in enumerate(images):
+                try:
+                    check_image(image)
+                except ValueError as error:
+                    raise ValueError(f"row {start + offset}: {error}") from error
+            start += len(images)
             sizes = [tuple(image_size(image)) for image in images]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
             pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
             outputs = model(pixel_values=pixel_values, **task_kwargs)
             predictions = predictions_at_original_size(processor, outputs, task_type, sizes, threshold)
             metric.add_batch(predictions=predictions, references=references)
+            bar.update(len(images))
     finally:
+        bar.close()
         model.train(was_training)
     if len(metric) == 0:
         raise ValueError("the dataset has no rows to evaluate")
@@ -195,13 +263,22 @@ def _schema(
         options["reduce_labels"] = reduce_labels
     if task_type == "semantic-segmentation":
         options["ignore_index"] = entry.get("ignore_index", 255)
+        if reduce_labels is None and "reduce_labels" in entry:
+            options["reduce_labels"] = entry["reduce_labels"]
+    if task_type == "object-detection" and bbox_format is None and "bbox_format" in entry:
+        options["bbox_format"] = entry["bbox_format"]
+    if task_type == "depth-estimation" and entry.get("depth_scale") is not None:
+        # The unit the model was trained in (see `DepthSchema`): references are read the same way.
+        options["depth_scale"] = entry["depth_scale"]
     return task_schema(task_type, columns, **options)
 
 
 __all__ = [
     "evaluate_model",
     "flatten_metrics",
+    "per_class_name",
     "predictions_at_original_size",
     "resolve_task",
+    "summary_metrics",
     "task_metric",
 ]

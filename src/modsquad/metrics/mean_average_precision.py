@@ -24,7 +24,8 @@ false positives.
 _INPUTS = """
 Args:
     predictions (`list[dict]`): one dict per image, as `post_process_object_detection` returns it:
-        - `boxes`: `(num_detections, 4)` boxes `(x_min, y_min, x_max, y_max)` in pixels of the original image;
+        - `boxes`: `(num_detections, 4)` boxes `(x_min, y_min, x_max, y_max)` in pixels of the original image (or
+          in the constructor's `box_format`);
         - `scores`: `(num_detections,)` confidences;
         - `labels`: `(num_detections,)` class ids.
     references (`list[dict]`): one dict per image:
@@ -66,14 +67,39 @@ _BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4
 _LABELS = datasets.Sequence(datasets.Value("int64"))
 
 
+# COCO's value for a metric undefined on the split (no reference box at all, or none of that size).
+UNDEFINED = -1.0
+# Box layouts accepted, named as torchmetrics' `MeanAveragePrecision(box_format=...)` names them.
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+
+
 class MeanAveragePrecision(StreamingMetric):
     """COCO box mAP. The boxes of the whole split are kept (COCO ranks detections across images); images are not.
 
+    The Hub has no COCO detection metric; the result keys and `box_format` follow torchmetrics'
+    `MeanAveragePrecision`, which Transformers' object-detection examples use.
+
     Args:
+        box_format (`str`, *optional*, defaults to `"xyxy"`): layout of the boxes of predictions and references:
+            `"xyxy"` (what `post_process_object_detection` returns), `"xywh"` (COCO) or `"cxcywh"`, in pixels.
+        num_labels (`int`, *optional*): number of classes of the detector. When given, class ids of references and
+            predictions outside `0 .. num_labels - 1` raise a ValueError: a dataset whose category ids the model
+            cannot predict would otherwise score an mAP of 0 without a word.
         **kwargs: passed to `evaluate.Metric`.
     """
 
     metric_name = "mean_average_precision"
+
+    def __init__(self, box_format: str = "xyxy", num_labels: int | None = None, **kwargs):
+        if box_format not in BOX_FORMATS:
+            raise ValueError(f"box_format={box_format!r}; accepted: {list(BOX_FORMATS)}")
+        self.box_format = box_format
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+        ):
+            raise ValueError(f"num_labels must be a positive int or None, got {num_labels!r}")
+        self.num_labels = num_labels
+        super().__init__(**kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
@@ -98,10 +124,22 @@ class MeanAveragePrecision(StreamingMetric):
 
     def _update_state(self, state: dict[str, Any], predictions: list, references: list) -> None:
         for index, (prediction, reference) in enumerate(zip(predictions, references)):
-            state["predictions"].append(
-                _image_boxes(prediction, index, "prediction", ("boxes", "scores", "labels"))
+            prediction = _image_boxes(
+                prediction, index, "prediction", ("boxes", "scores", "labels"), self.box_format
             )
-            state["references"].append(_image_boxes(reference, index, "reference", ("boxes", "labels")))
+            reference = _image_boxes(reference, index, "reference", ("boxes", "labels"), self.box_format)
+            if self.num_labels is not None:
+                for kind, entry in (("reference", reference), ("prediction", prediction)):
+                    labels = entry["labels"]
+                    bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= self.num_labels)]})
+                    if bad:
+                        raise ValueError(
+                            f"mean_average_precision {kind} {index}: class ids {bad[:10]} are out of range; the "
+                            f"detector has {self.num_labels} classes, ids 0..{self.num_labels - 1} (map the dataset's "
+                            "category ids to the model's labels first)"
+                        )
+            state["predictions"].append(prediction)
+            state["references"].append(reference)
 
     def _compute_from_state(self, state: dict[str, Any]) -> dict[str, float]:
         ground_truth, detections = _to_coco(state["references"], state["predictions"])
@@ -119,14 +157,20 @@ def _silent(*args) -> None:
     return None
 
 
-def _image_boxes(entry: Any, index: int, kind: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """One image's `boxes` / `scores` / `labels` as arrays, checked for shape and ordering of corners."""
+def _image_boxes(
+    entry: Any, index: int, kind: str, keys: tuple[str, ...], box_format: str = "xyxy"
+) -> dict[str, np.ndarray]:
+    """One image's `boxes` (as `xyxy`) / `scores` / `labels` as arrays, checked for shape and ordering of corners."""
     if not isinstance(entry, dict) or any(key not in entry for key in keys):
         raise ValueError(
             f"mean_average_precision {kind} {index} must be a dict with keys {list(keys)}, got "
             f"{entry if not isinstance(entry, dict) else sorted(entry)!r}"
         )
     boxes = to_numpy(entry["boxes"]).astype(np.float64).reshape(-1, 4)
+    if box_format == "xywh":
+        boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    elif box_format == "cxcywh":
+        boxes = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
     arrays = {"boxes": boxes}
     for key in keys[1:]:
         arrays[key] = to_numpy(entry[key]).reshape(-1)
@@ -134,6 +178,11 @@ def _image_boxes(entry: Any, index: int, kind: str, keys: tuple[str, ...]) -> di
             raise ValueError(
                 f"mean_average_precision {kind} {index}: {len(boxes)} boxes but {len(arrays[key])} {key}"
             )
+    if not np.isfinite(boxes).all():
+        raise ValueError(
+            f"mean_average_precision {kind} {index}: boxes must be finite, got "
+            f"{boxes[~np.isfinite(boxes).all(axis=1)][:3].tolist()}"
+        )
     if len(boxes) and ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
         raise ValueError(
             f"mean_average_precision {kind} {index}: boxes must be (x_min, y_min, x_max, y_max) with max >= min; "
@@ -180,4 +229,4 @@ def _to_coco(references: list[dict], predictions: list[dict]) -> tuple[dict, lis
     return ground_truth, detections
 
 
-__all__ = ["MeanAveragePrecision"]
+__all__ = ["BOX_FORMATS", "UNDEFINED", "MeanAveragePrecision"]

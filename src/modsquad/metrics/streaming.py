@@ -33,10 +33,15 @@ class StreamingMetric(evaluate.Metric, metaclass=ABCMeta):
     `evaluate.combine` works with these metrics. The state lives in this process: for distributed evaluation, gather
     predictions first (e.g. `accelerator.gather_for_metrics`) and compute on one process.
 
-    Subclasses set `metric_name` and implement `_info`, `_init_state`, `_update_state` and `_compute_from_state`.
+    Subclasses set `metric_name` (and `compute_options`) and implement `_info`, `_init_state`, `_update_state` and
+    `_compute_from_state`.
     """
 
     metric_name: str = ""
+    # Keyword arguments `compute` accepts besides predictions and references: those of the Hub metric of the same
+    # meaning, so that code written for `evaluate.load("mean_iou")` runs unchanged. Subclasses keep a state from
+    # which they can be applied at the end.
+    compute_options: tuple[str, ...] = ()
 
     def __init__(self, **kwargs):
         if kwargs.get("num_process", 1) != 1:
@@ -63,8 +68,8 @@ class StreamingMetric(evaluate.Metric, metaclass=ABCMeta):
         """Folds one batch into `state`; raises a ValueError naming any malformed example."""
 
     @abstractmethod
-    def _compute_from_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The metric values of everything folded into `state`."""
+    def _compute_from_state(self, state: dict[str, Any], **options) -> dict[str, Any]:
+        """The metric values of everything folded into `state`, under the `compute_options` given."""
 
     def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
         """Adds a batch of predictions and references to the running statistics.
@@ -96,32 +101,41 @@ class StreamingMetric(evaluate.Metric, metaclass=ABCMeta):
         """
         self.add_batch(predictions=[prediction], references=[reference], **kwargs)
 
-    def compute(self, *, predictions=None, references=None, **kwargs) -> dict[str, Any]:
+    def compute(self, *, predictions=None, references=None, **options) -> dict[str, Any]:
         """Adds the given batch (if any), returns the metrics of everything added, and resets the statistics.
 
         Args:
             predictions (`list`, *optional*): a last batch of predictions.
             references (`list`, *optional*): its references.
+            **options: the keyword arguments of the Hub metric of the same name that this metric accepts
+                (`compute_options`), e.g. `num_labels`, `ignore_index`, `reduce_labels` of `mean_iou`; they apply to
+                everything added, as they do on the Hub.
         """
-        if kwargs:
-            raise ValueError(
-                f"{self.metric_name}.compute takes only predictions and references (options are constructor "
-                f"arguments), got {sorted(kwargs)}"
-            )
+        self._check_options(options)
         if predictions is not None or references is not None:
             self.add_batch(predictions=predictions, references=references)
         if self._num_examples == 0:
             raise ValueError(f"{self.metric_name}: no examples were added; call add_batch before compute")
         state, self._state, self._num_examples = self._state, self._init_state(), 0
-        return self._compute_from_state(state)
+        return self._compute_from_state(state, **options)
 
-    def _compute(self, *, predictions=None, references=None) -> dict[str, Any]:
+    def _compute(self, *, predictions=None, references=None, **options) -> dict[str, Any]:
         # evaluate's hook: the metrics of exactly these examples, leaving the running statistics untouched.
+        self._check_options(options)
         if predictions is None or references is None or len(predictions) == 0:
             raise ValueError(f"{self.metric_name}: no examples were given")
         state = self._init_state()
         self._update_state(state, list(predictions), list(references))
-        return self._compute_from_state(state)
+        return self._compute_from_state(state, **options)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.compute_options))
+        if unknown:
+            accepted = ["predictions", "references", *self.compute_options]
+            raise ValueError(
+                f"{self.metric_name}.compute got unknown arguments {unknown}; accepted: {accepted} (other options "
+                "are constructor arguments)"
+            )
 
 
 __all__ = ["StreamingMetric", "to_numpy"]

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import difflib
+import math
 from typing import Any
 
-from transformers import PreTrainedConfig
+from torch import nn
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# True while a saved config is read back (`from_dict`): a config.json may carry attributes someone set on a config
+# (`config.foo = 1` is a Transformers convention, and Transformers' own tests set `rms_norm_eps` and friends), so
+# unknown keys there are kept with a warning; a config built in code rejects them (a typo would otherwise vanish).
+_READING_SAVED_CONFIG = contextvars.ContextVar("modsquad_reading_saved_config", default=False)
 
 TASK_TYPES = (
     "image-classification",
@@ -13,7 +26,7 @@ TASK_TYPES = (
     "object-detection",
     "depth-estimation",
 )
-CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification")
+CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # Block selections by name: "every_other" = blocks 1, 3, 5, ...; "even" = blocks 0, 2, 4, ... (attention experts
 # interleaved with MLP experts, as the reference implementation's `twice_attn` / `twice_mlp` models do).
 MOE_LAYER_PRESETS = ("all", "every_other", "even")
@@ -22,6 +35,8 @@ MOE_LAYER_PRESETS = ("all", "every_other", "even")
 TASK_CONDITIONINGS = ("token", "embedding")
 # Task types whose head predicts one of `num_labels` classes.
 LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
+# Box formats of detection datasets: COCO `(x_min, y_min, width, height)` or `(x_min, y_min, x_max, y_max)` pixels.
+BBOX_FORMATS = ("xywh", "xyxy")
 
 
 # Head options a task entry may set, per task type: option -> (default, kind). The heads read them through
@@ -38,15 +53,31 @@ TASK_OPTIONS: dict[str, dict[str, tuple[float, str]]] = {
         "decoder_channels": (256, "positive int"),
         "max_depth": (10.0, "positive number"),  # in label units; the head predicts max_depth * sigmoid(x)
         "silog_lambda": (0.5, "number in [0, 1]"),
+        # Stored depth value x depth_scale = depth in label units (metres). Unset: float maps are metres, integer
+        # maps (uint16 PNGs, as NYU's raw data and ScanNet store them) millimetres, i.e. 0.001.
+        "depth_scale": (None, "positive number"),
     },
+}
+# Keys every task entry may have, and the keys of labelled task types and of each task type (besides its
+# `TASK_OPTIONS`). Data options (`bbox_format`, `reduce_labels`, `depth_scale`) travel with the task so that
+# training and evaluation read a dataset alike. Anything else is a typo and is rejected.
+COMMON_TASK_KEYS = ("name", "type", "routable_experts", "routable_attention_experts")
+LABEL_TASK_KEYS = ("num_labels", "labels", "id2label", "label2id")
+TASK_TYPE_KEYS: dict[str, tuple[str, ...]] = {
+    "image-classification": ("problem_type",),
+    "semantic-segmentation": ("ignore_index", "reduce_labels"),
+    "object-detection": ("bbox_format",),
+    "depth-estimation": (),
 }
 
 
-def task_option(task: dict[str, Any], key: str) -> float:
+def task_option(task: dict[str, Any], key: str) -> float | None:
     """The head option `key` of a task entry (see `TASK_OPTIONS`), or its default; a ValueError names a bad value."""
     default, kind = TASK_OPTIONS[task["type"]][key]
     value = task.get(key, default)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None and default is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     valid = {
         "positive int": number and isinstance(value, int) and value > 0,
         "positive number": number and value > 0,
@@ -57,44 +88,150 @@ def task_option(task: dict[str, Any], key: str) -> float:
     return value
 
 
+def did_you_mean(name: str, candidates) -> str:
+    """` (did you mean 'x'?)` for the candidate closest to a mistyped `name`, or an empty string."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def reject_unknown_keys(keys, accepted, where: str, shown: str | None = None) -> None:
+    """Raises a ValueError naming every key of `keys` not in `accepted`, with a "did you mean" hint and the accepted
+    keys (or `shown`, a shorter description of them); `where` says what the keys belong to."""
+    accepted = list(accepted)
+    unknown = [key for key in keys if key not in accepted]
+    if unknown:
+        hints = ", ".join(f"{key!r}{did_you_mean(key, accepted)}" for key in unknown)
+        raise ValueError(f"unknown {where} key(s) {hints}; accepted: {shown or sorted(accepted)}")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """`value` if it is a real bool; a ValueError otherwise (the string `'false'` would otherwise read as true)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> Any:
+    """Checks that `value` is a finite number (an int when `integer`) in the given range; returns it, or raises a
+    ValueError naming `name`, the value and the accepted range. `None` passes when `optional`."""
+    if value is None and optional:
+        return value
+    kinds = (int,) if integer else (int, float)
+    is_number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    below = minimum is not None and is_number and (value <= minimum if exclusive_minimum else value < minimum)
+    above = maximum is not None and is_number and (value >= maximum if exclusive_maximum else value > maximum)
+    if is_number and not below and not above:
+        return value
+    kind = "an int" if integer else "a finite number"
+    if integer and minimum == 1 and maximum is None and not exclusive_minimum:
+        accepted = "a positive int"
+    elif minimum is not None and maximum is not None:
+        accepted = f"{kind} in {'(' if exclusive_minimum else '['}{minimum}, {maximum}{')' if exclusive_maximum else ']'}"
+    elif minimum is not None:
+        accepted = f"{kind} {'>' if exclusive_minimum else '>='} {minimum}"
+    elif maximum is not None:
+        accepted = f"{kind} {'<' if exclusive_maximum else '<='} {maximum}"
+    else:
+        accepted = kind
+    raise ValueError(f"{name} must be {accepted}{' or null' if optional else ''}, got {value!r}")
+
+
+def reserved_task_names() -> frozenset[str]:
+    """Names a task may not have: attributes of the `nn.ModuleDict` / `nn.ParameterDict` keyed by task names
+    (`train`, `forward`, `state_dict`, `keys`, ...), which would collide with the task's module."""
+    return frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
+def check_task_name(name: Any, where: str) -> str:
+    """`name` if it can name a task: a Python identifier (it names modules and weights) that is not reserved (see
+    `reserved_task_names`); a ValueError naming `where` otherwise."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{where} must be a Python identifier (it names modules and weights), got {name!r}")
+    if name in reserved_task_names() or name.startswith("_"):
+        raise ValueError(
+            f"{where}={name!r} is reserved: it is an attribute of the torch module holding the tasks' heads (like "
+            f"'train', 'forward', 'state_dict', 'keys') or starts with '_'; rename the task, e.g. "
+            f"'task_{name.lstrip('_')}'"
+        )
+    return name
+
+
+def _task_labels(task: dict[str, Any], name: str, task_type: str) -> dict[int, str]:
+    """The checked `id2label` of a labelled task entry, from `id2label`, `labels` or `num_labels`."""
+    id2label = task.get("id2label")
+    labels = task.pop("labels", None)
+    if labels is not None:
+        if isinstance(labels, (str, bytes, dict)) or not isinstance(labels, (list, tuple)) or not labels:
+            raise ValueError(f"task {name!r}: labels must be a non-empty list of class names, got {labels!r}")
+        from_labels = dict(enumerate(labels))
+        if id2label is not None and {int(k): str(v) for k, v in id2label.items()} != {
+            k: str(v) for k, v in from_labels.items()
+        }:
+            raise ValueError(f"task {name!r}: labels={labels!r} and id2label={id2label!r} disagree; give one")
+        id2label = from_labels
+    if id2label is None:
+        num_labels = task.get("num_labels")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(
+                f"task {name!r} ({task_type}) needs 'num_labels' (a positive int), 'labels' or 'id2label'; got "
+                f"num_labels={num_labels!r}"
+            )
+        id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+    if not isinstance(id2label, dict) or not id2label:
+        raise ValueError(
+            f"task {name!r}: id2label must be a non-empty {{id: name}} mapping, got {id2label!r}"
+        )
+    try:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"task {name!r}: id2label keys must be class ids 0, 1, ..., got {list(id2label)}"
+        ) from None
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(
+            f"task {name!r}: id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}"
+        )
+    names = list(id2label.values())
+    duplicates = sorted({label for label in names if names.count(label) > 1})
+    if duplicates:
+        raise ValueError(
+            f"task {name!r}: duplicate class names {duplicates}; every class needs its own name (label2id maps "
+            "names back to ids)"
+        )
+    if "num_labels" in task and task["num_labels"] != len(id2label):
+        raise ValueError(
+            f"task {name!r}: num_labels={task['num_labels']!r} disagrees with {len(id2label)} labels in id2label"
+        )
+    return id2label
+
+
 def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
     """Checks one task entry and returns it in canonical form (int-keyed `id2label`, derived fields filled)."""
     if not isinstance(entry, dict):
         raise ValueError(f"tasks[{position}] must be a dict with at least 'name' and 'type', got {entry!r}")
     task = dict(entry)
-    name = task.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(
-            f"tasks[{position}]['name'] must be a Python identifier (it names modules and weights), got {name!r}"
-        )
+    name = check_task_name(task.get("name"), f"tasks[{position}]['name']")
     task_type = task.get("type")
     if task_type not in TASK_TYPES:
         raise ValueError(
             f"tasks[{position}]['type'] is {task_type!r}; accepted task types are {list(TASK_TYPES)}"
         )
+    reject_unknown_keys(task, accepted_task_keys(task_type), f"task {name!r} ({task_type})")
 
     if task_type in LABELLED_TASK_TYPES:
-        id2label = task.get("id2label")
-        labels = task.pop("labels", None)
-        if id2label is None and labels is not None:
-            id2label = dict(enumerate(labels))
-        if id2label is None:
-            num_labels = task.get("num_labels")
-            if not isinstance(num_labels, int) or num_labels < 1:
-                raise ValueError(
-                    f"task {name!r} ({task_type}) needs 'num_labels' (a positive int), 'labels' or 'id2label'; "
-                    f"got num_labels={num_labels!r}"
-                )
-            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(id2label) != list(range(len(id2label))):
-            raise ValueError(
-                f"task {name!r}: id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}"
-            )
-        if "num_labels" in task and task["num_labels"] != len(id2label):
-            raise ValueError(
-                f"task {name!r}: num_labels={task['num_labels']} disagrees with {len(id2label)} labels in id2label"
-            )
+        id2label = _task_labels(task, name, task_type)
         task["id2label"] = id2label
         task["label2id"] = {label: i for i, label in id2label.items()}
         task["num_labels"] = len(id2label)
@@ -107,12 +244,93 @@ def _normalise_task(entry: Any, position: int) -> dict[str, Any]:
             )
     if task_type == "semantic-segmentation":
         ignore_index = task.setdefault("ignore_index", 255)
-        if not isinstance(ignore_index, int):
-            raise ValueError(f"task {name!r}: ignore_index must be an int, got {ignore_index!r}")
+        check_number(f"task {name!r}: ignore_index", ignore_index, integer=True)
+        if 0 <= ignore_index < task["num_labels"]:
+            raise ValueError(
+                f"task {name!r}: ignore_index={ignore_index} is a class id (num_labels={task['num_labels']}); "
+                f"pick a value outside [0, {task['num_labels']}), e.g. 255 or -100"
+            )
+        if "reduce_labels" in task:
+            check_bool(f"task {name!r}: reduce_labels", task["reduce_labels"])
+    if task_type == "object-detection" and "bbox_format" in task and task["bbox_format"] not in BBOX_FORMATS:
+        raise ValueError(
+            f"task {name!r}: bbox_format={task['bbox_format']!r}; accepted: {list(BBOX_FORMATS)}"
+        )
     for key in TASK_OPTIONS.get(task_type, {}):
         if key in task:
             task_option(task, key)
     return task
+
+
+def accepted_task_keys(task_type: str) -> list[str]:
+    """Every key a task entry of `task_type` may hold."""
+    labelled = LABEL_TASK_KEYS if task_type in LABELLED_TASK_TYPES else ()
+    return [
+        *COMMON_TASK_KEYS,
+        *labelled,
+        *TASK_TYPE_KEYS.get(task_type, ()),
+        *TASK_OPTIONS.get(task_type, {}),
+    ]
+
+
+# Range of every numeric field of the config (keyword arguments of `check_number`).
+NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
+    "hidden_size": {"minimum": 1, "integer": True},
+    "num_hidden_layers": {"minimum": 1, "integer": True},
+    "num_attention_heads": {"minimum": 1, "integer": True},
+    # Derived from hidden_size // num_attention_heads when not given.
+    "head_dim": {"minimum": 1, "integer": True, "optional": True},
+    "patch_size": {"minimum": 1, "integer": True},
+    "num_channels": {"minimum": 1, "integer": True},
+    "num_experts_per_tok": {"minimum": 1, "integer": True},
+    "expert_intermediate_size": {"minimum": 1, "integer": True},
+    "intermediate_size": {"minimum": 1, "integer": True, "optional": True},
+    "hidden_dropout_prob": {"minimum": 0, "maximum": 1, "exclusive_maximum": True},
+    "attention_probs_dropout_prob": {"minimum": 0, "maximum": 1, "exclusive_maximum": True},
+    "drop_path_rate": {"minimum": 0, "maximum": 1, "exclusive_maximum": True},
+    "layer_norm_eps": {"minimum": 0, "exclusive_minimum": True},
+    "initializer_range": {"minimum": 0, "exclusive_minimum": True},
+    # Router inputs are scaled by a factor drawn from [1 - jitter, 1 + jitter]: it must stay positive.
+    "router_jitter_noise": {"minimum": 0, "maximum": 1, "exclusive_maximum": True},
+    "router_noise_std": {"minimum": 0},
+    # Defaults to initializer_range; 0 starts every router at zero.
+    "router_init_std": {"minimum": 0, "optional": True},
+    "mi_loss_coef": {"minimum": 0},
+    "balance_loss_coef": {"minimum": 0},
+    "z_loss_coef": {"minimum": 0},
+    "chunk_size_feed_forward": {"minimum": 0, "integer": True},
+}
+# Fields that only mean something with `moe_attention=True`.
+ATTENTION_EXPERT_FIELDS = (
+    "attention_moe_layers",
+    "attention_num_experts",
+    "attention_experts_per_tok",
+    "attention_expert_heads",
+)
+# Fields that are true or false (`None` allowed for the Transformers ones that default from elsewhere).
+BOOL_FIELDS = ("qkv_bias", "moe_attention", "norm_topk_prob", "is_encoder_decoder")
+OPTIONAL_BOOL_FIELDS = ("output_hidden_states", "return_dict")
+
+
+def standard_config_kwargs() -> frozenset[str]:
+    """Keyword arguments every `PreTrainedConfig` takes besides its dataclass fields: what
+    `PreTrainedConfig.__post_init__`, `from_pretrained` and `from_dict` consume, what Transformers, quantizers and
+    PEFT write into a config.json (`auto_map`, `quantization_config`, ...), the common attributes of configs of
+    earlier Transformers versions, and the generation parameters older configs still carry (Transformers drops
+    them). Any other keyword argument of [`ModSquadConfig`] is a typo and is rejected."""
+    return frozenset(
+        {
+            "model_type", "num_labels", "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash",
+            "output_attentions", "attn_implementation", "experts_implementation", "_attn_implementation_internal",
+            "_experts_implementation_internal", "_attn_implementation_autoset", "per_layer_config",
+            "tie_last_hidden_states", "auto_map", "custom_pipelines", "quantization_config", "_pre_quantization_dtype",
+            "tie_word_embeddings", "torchscript", "pruned_heads", "is_decoder", "add_cross_attention",
+            "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task", "task_specific_params",
+            "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id",
+            "decoder_start_token_id", "use_return_dict",
+            *GenerationConfig._get_default_generation_params(),
+        }
+    )  # fmt: skip
 
 
 class ModSquadConfig(PreTrainedConfig):
@@ -125,10 +343,11 @@ class ModSquadConfig(PreTrainedConfig):
             One entry per task, in task-id order. Keys: `name` (identifier), `type` (one of
             `"image-classification"`, `"semantic-segmentation"`, `"object-detection"`, `"depth-estimation"`), and for
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
-            (`"single_label_classification"` or `"multi_label_classification"`); segmentation `ignore_index`
-            (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
+            (`"single_label_classification"`, `"multi_label_classification"` or `"regression"`); segmentation
+            `ignore_index` (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
             `routable_attention_experts`): an int or one int per block with such experts, the number of leading
-            experts the task may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
+            experts the task may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so
+            they never see
             them. Defaults to one 1000-class classification task named `"cls"`.
         hidden_size (`int`, *optional*, defaults to 384): Width of the token embeddings.
         num_hidden_layers (`int`, *optional*, defaults to 12): Number of transformer blocks.
@@ -191,6 +410,17 @@ class ModSquadConfig(PreTrainedConfig):
         pruned_attention_experts (`list[list[int]]`, *optional*): The same for the attention experts.
         pruned_from (`dict`, *optional*): Set by [`prune_for_task`]: the unpruned model this one was cut from:
             `name_or_path`, its `tasks` (names), `num_experts` / `attention_num_experts` and `num_parameters`.
+        output_router_logits (`bool`, *optional*, defaults to `False`): Whether models return the routing tensors
+            (`router_logits`, `router_probs`, `expert_indices`) and the per-batch router losses, which the heads
+            then add to their loss; as in Transformers' MoE models, turn it on (or pass it to `forward`) to train
+            with the auxiliary losses.
+        head_task (`str`, *optional*): Set by a single-task model (`ModSquadFor<Type>`) on its own config: the task
+            it serves, so that its checkpoint loads back into the same model when the config has several tasks of
+            that type. The top-level `id2label` / `num_labels` / `problem_type` describe this task.
+
+    Top-level `id2label` (`num_labels`) and `problem_type` are the labels of the task a single-task model serves:
+    mirrored from the config's only labelled task, or set by the caller to relabel it
+    (`ModSquadForImageClassification(config)` after `config.num_labels = 5`), as for any Transformers model.
 
     Example:
 
@@ -205,6 +435,9 @@ class ModSquadConfig(PreTrainedConfig):
     ```"""
 
     model_type = "modsquad"
+    # Routing state rather than predictions: `transformers.Trainer` leaves these out of `predict` / `evaluate` outputs
+    # even when a config asks for them (`output_router_logits=True`), so `compute_metrics` sees only the logits.
+    keys_to_ignore_at_inference = ["aux_loss", "router_logits", "router_probs", "expert_indices"]
 
     tasks: list | None = None
     hidden_size: int = 384
@@ -243,15 +476,37 @@ class ModSquadConfig(PreTrainedConfig):
     pruned_experts: list[list[int]] | None = None
     pruned_attention_experts: list[list[int]] | None = None
     pruned_from: dict | None = None
+    output_router_logits: bool = False
+    head_task: str | None = None
 
     def __post_init__(self, **kwargs):
+        own = sorted(set(self.accepted_keys()) - {f.name for f in dataclasses.fields(PreTrainedConfig)})
+        own = [key for key in own if key in {f.name for f in dataclasses.fields(self)}]
+        shown = (
+            f"the ModSquadConfig fields {own} and the standard PreTrainedConfig keywords (num_labels, id2label, "
+            "problem_type, return_dict, output_hidden_states, dtype, auto_map, ...)"
+        )
+        if _READING_SAVED_CONFIG.get():
+            unknown = [key for key in kwargs if key not in self.accepted_keys()]
+            if unknown:
+                logger.warning(
+                    f"the saved config has key(s) ModSquad does not use, kept as attributes: {unknown}; accepted: "
+                    f"{shown}"
+                )
+        else:
+            reject_unknown_keys(kwargs, self.accepted_keys(), "ModSquadConfig", shown=shown)
         if self.tasks is None:
             self.tasks = [{"name": "cls", "type": "image-classification", "num_labels": 1000}]
+        self._validate_fields()
         self._validate_shape()
         self._validate_tasks()
         self._validate_moe()
         self._validate_routable_experts()
         self._validate_pruning()
+        if self.head_task is not None and self.head_task not in self.task_names:
+            raise ValueError(
+                f"head_task={self.head_task!r} is not a task of this config; its tasks are {self.task_names}"
+            )
         if self.intermediate_size is None:
             self.intermediate_size = self.num_experts_per_tok * self.expert_intermediate_size
         if self.feature_layers is None:
@@ -263,28 +518,45 @@ class ModSquadConfig(PreTrainedConfig):
             )
         # A config with a single labelled task exposes its labels at the top level, where pipelines read them.
         labelled = [t for t in self.tasks if "id2label" in t]
-        if len(labelled) == 1 and self.id2label is None and "num_labels" not in kwargs:
+        given_labels = self.id2label is not None or kwargs.get("num_labels") is not None
+        if len(labelled) == 1 and not given_labels:
             self.id2label = dict(labelled[0]["id2label"])
             self.label2id = dict(labelled[0]["label2id"])
         if len(labelled) == 1 and labelled[0]["type"] == "image-classification" and self.problem_type is None:
             self.problem_type = labelled[0]["problem_type"]
         super().__post_init__(**kwargs)
+        if len(labelled) != 1 and not given_labels:
+            # Top-level labels are those of the task a single-task model serves (see the class docstring); with no
+            # single labelled task there are none, rather than the base class's two placeholder labels, which a
+            # head built from this config would otherwise take for the caller's.
+            self.id2label = None
+            self.label2id = None
 
     # ----------------------------------------------------------------------------------------------- validation
+    @classmethod
+    def accepted_keys(cls) -> list[str]:
+        """Every keyword argument the config takes: its fields and the standard `PreTrainedConfig` keywords."""
+        return [f.name for f in dataclasses.fields(cls)] + sorted(standard_config_kwargs())
+
+    def _validate_fields(self) -> None:
+        """Type and range of every numeric and boolean field, naming the field and the accepted values."""
+        for field, bounds in NUMERIC_FIELDS.items():
+            check_number(field, getattr(self, field), **bounds)
+        for field in BOOL_FIELDS:
+            check_bool(field, getattr(self, field))
+        for field in OPTIONAL_BOOL_FIELDS:
+            if getattr(self, field) is not None:
+                check_bool(field, getattr(self, field))
+        if self.feature_layers is not None and (
+            not isinstance(self.feature_layers, (list, tuple))
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in self.feature_layers)
+        ):
+            raise ValueError(
+                f"feature_layers must be a list of block indices (ints), got {self.feature_layers!r}"
+            )
+
     def _validate_shape(self) -> None:
-        positive = {
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "patch_size": self.patch_size,
-            "num_channels": self.num_channels,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "expert_intermediate_size": self.expert_intermediate_size,
-        }
-        for field, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
-        if self.hidden_act not in ACT2FN:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not a Transformers activation; accepted: {sorted(ACT2FN)}"
             )
@@ -295,11 +567,10 @@ class ModSquadConfig(PreTrainedConfig):
                     f"{self.num_attention_heads}; accepted head counts divide {self.hidden_size} (or set head_dim)"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {self.head_dim!r}")
-        if self.task_conditioning not in TASK_CONDITIONINGS:
+        if not isinstance(self.task_conditioning, str) or self.task_conditioning not in TASK_CONDITIONINGS:
             raise ValueError(
                 f"task_conditioning={self.task_conditioning!r}; accepted: {list(TASK_CONDITIONINGS)}"
+                f"{did_you_mean(self.task_conditioning, TASK_CONDITIONINGS)}"
             )
         if self.router_init_std is None:
             self.router_init_std = self.initializer_range
@@ -309,18 +580,6 @@ class ModSquadConfig(PreTrainedConfig):
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
                 "the position embeddings need a whole number of patches"
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        for field in (
-            "mi_loss_coef",
-            "balance_loss_coef",
-            "z_loss_coef",
-            "router_jitter_noise",
-            "router_noise_std",
-            "router_init_std",
-        ):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
 
     def _validate_tasks(self) -> None:
         if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
@@ -333,7 +592,7 @@ class ModSquadConfig(PreTrainedConfig):
         for task in self.tasks:
             if task["type"] == "object-detection" and self.patch_size % task_option(task, "output_stride"):
                 raise ValueError(
-                    f"task {task['name']!r}: output_stride={task['output_stride']} must divide patch_size="
+                    f"task {task['name']!r}: output_stride={task_option(task, 'output_stride')} must divide patch_size="
                     f"{self.patch_size}; accepted strides are "
                     f"{[s for s in range(1, self.patch_size + 1) if self.patch_size % s == 0]}"
                 )
@@ -347,10 +606,11 @@ class ModSquadConfig(PreTrainedConfig):
                 "top-k must be at most the number of experts"
             )
         if not self.moe_attention:
-            if self.attention_moe_layers is not None:
+            given = [f for f in ATTENTION_EXPERT_FIELDS if getattr(self, f) is not None]
+            if given:
                 raise ValueError(
-                    f"attention_moe_layers={self.attention_moe_layers!r} needs moe_attention=True; accepted with "
-                    "moe_attention=False: None"
+                    f"{', '.join(given)} set but moe_attention=False: attention experts exist only with "
+                    "moe_attention=True; set it, or drop these fields"
                 )
             return
         attention_layers = self.attention_moe_layer_indices  # validates attention_moe_layers
@@ -509,9 +769,10 @@ class ModSquadConfig(PreTrainedConfig):
         if layers == "even":
             return list(range(0, self.num_hidden_layers, 2))
         if isinstance(layers, (list, tuple)):
-            if any(not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in layers) or len(
-                set(layers)
-            ) != len(layers):
+            if any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
+                for i in layers
+            ) or len(set(layers)) != len(layers):
                 raise ValueError(
                     f"{field}={layers} must list distinct block indices in 0..{self.num_hidden_layers - 1}"
                 )
@@ -581,14 +842,36 @@ class ModSquadConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
-        """As [`PreTrainedConfig.from_dict`]; `id2label` / `label2id` / `num_labels` keyword arguments relabel the
-        config's single labelled task, so that the usual way to put a new head on a checkpoint works:
-        `AutoModelForImageClassification.from_pretrained(path, id2label=..., label2id=..., ignore_mismatched_sizes=True)`.
+        """As [`PreTrainedConfig.from_dict`], for the usual ways to put a new head on a checkpoint:
+
+        - `id2label` / `label2id` / `num_labels` / `problem_type` keyword arguments relabel the config's only labelled
+          task; with several they stay top-level, where the single-task model built from the config applies them to
+          the task it serves: `ModSquadForImageClassification.from_pretrained(path, num_labels=42,
+          ignore_mismatched_sizes=True)`.
+        - `tasks=[...]` replaces the task entries, checked and completed as by the constructor (the top-level labels,
+          derived from the old entries, are derived again).
         """
-        relabel = {key: kwargs.pop(key) for key in ("id2label", "label2id", "num_labels") if key in kwargs}
-        if relabel:
+        config_dict = dict(config_dict)
+        if "tasks" in kwargs:
+            config_dict = {k: v for k, v in config_dict.items() if k not in _TOP_LEVEL_LABEL_KEYS}
+            config_dict["tasks"] = kwargs.pop("tasks")
+            if config_dict.get("head_task") not in [t.get("name") for t in config_dict["tasks"] or []]:
+                config_dict.pop("head_task", None)
+        relabel = {key: kwargs.pop(key) for key in _TOP_LEVEL_LABEL_KEYS if key in kwargs}
+        if relabel and len(_labelled_positions(config_dict.get("tasks"))) == 1:
             config_dict = _relabel_single_task(config_dict, relabel)
-        return super().from_dict(config_dict, **kwargs)
+        else:
+            kwargs.update(relabel)
+        reading = _READING_SAVED_CONFIG.set(True)
+        try:
+            loaded = super().from_dict(config_dict, **kwargs)
+        finally:
+            _READING_SAVED_CONFIG.reset(reading)
+        # Keyword arguments naming fields are set after construction (`from_pretrained(path, layer_norm_eps=0)`):
+        # check them as the constructor checks its own.
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config._validate_fields()
+        return loaded
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -600,35 +883,41 @@ class ModSquadConfig(PreTrainedConfig):
         return output
 
 
-def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` with its only labelled task's labels replaced by `relabel` (`id2label` and/or `num_labels`)."""
-    tasks = config_dict.get("tasks") or []
-    labelled = [
-        i for i, t in enumerate(tasks) if isinstance(t, dict) and t.get("type") in LABELLED_TASK_TYPES
+# Top-level fields that describe the labels of the task a single-task model serves.
+_TOP_LEVEL_LABEL_KEYS = ("id2label", "label2id", "num_labels", "problem_type")
+
+
+def _labelled_positions(tasks: Any) -> list[int]:
+    return [
+        i for i, t in enumerate(tasks or []) if isinstance(t, dict) and t.get("type") in LABELLED_TASK_TYPES
     ]
-    if len(labelled) != 1:
-        names = [tasks[i].get("name") for i in labelled]
-        raise ValueError(
-            f"{sorted(relabel)} relabel a single labelled task, but this config has {len(labelled)} ({names}); "
-            "give the labels per task in `tasks` instead"
-        )
-    task = {
-        k: v
-        for k, v in tasks[labelled[0]].items()
-        if k not in ("labels", "id2label", "label2id", "num_labels")
-    }
-    if relabel.get("id2label") is not None:
-        task["id2label"] = relabel["id2label"]
+
+
+def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with its only labelled task's labels (`id2label` and/or `num_labels`) and, for classification,
+    `problem_type` replaced by `relabel`."""
+    tasks = config_dict["tasks"]
+    position = _labelled_positions(tasks)[0]
+    task = dict(tasks[position])
+    if relabel.get("id2label") is not None or relabel.get("num_labels") is not None:
+        task = {k: v for k, v in task.items() if k not in ("labels", "id2label", "label2id", "num_labels")}
+        if relabel.get("id2label") is not None:
+            task["id2label"] = relabel["id2label"]
         if relabel.get("num_labels") is not None:
             task["num_labels"] = relabel["num_labels"]
-    elif relabel.get("num_labels") is not None:
-        task["num_labels"] = relabel["num_labels"]
-    else:
+    elif relabel.get("label2id") is not None:
         raise ValueError("label2id alone cannot relabel a task: give id2label (or num_labels) too")
+    if relabel.get("problem_type") is not None:
+        if task["type"] != "image-classification":
+            raise ValueError(
+                f"problem_type={relabel['problem_type']!r} applies to image-classification tasks; task "
+                f"{task.get('name')!r} is a {task['type']} task"
+            )
+        task["problem_type"] = relabel["problem_type"]
     new_tasks = list(tasks)
-    new_tasks[labelled[0]] = task
+    new_tasks[position] = task
     # The top-level labels mirror the task's (see `__post_init__`): drop the old ones so they are derived again.
-    dropped = ("id2label", "label2id", "num_labels", "tasks")
+    dropped = (*_TOP_LEVEL_LABEL_KEYS, "tasks")
     return {**{k: v for k, v in config_dict.items() if k not in dropped}, "tasks": new_tasks}
 
 

@@ -12,11 +12,13 @@ initialises, so a head loaded from a checkpoint without it (e.g. a classificatio
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .configuration_modsquad import ModSquadConfig, task_option
-from .modeling_modsquad import NUM_PREFIX_TOKENS
+from .modeling_modsquad import NUM_PREFIX_TOKENS, ModSquadModelOutput
 
 # Resampling factors relative to the patch grid, finest first (ViTDet: 4x, 2x, 1x, 1/2x).
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -51,6 +53,46 @@ def tokens_to_grid(
         )
     patches = hidden_state[:, num_prefix_tokens:]
     return patches.transpose(1, 2).reshape(batch, channels, grid_height, grid_width)
+
+
+def feature_hidden_state_indices(config: ModSquadConfig, layers) -> list[int]:
+    """The entries of the backbone's `hidden_states` a dense head reads for the blocks `layers`: every block but the
+    last, whose tokens it takes final-normed from `last_hidden_state` (see [`block_tokens`])."""
+    return sorted({layer + 1 for layer in layers if layer != config.num_hidden_layers - 1})
+
+
+def block_tokens(backbone_output: ModSquadModelOutput, layer: int, num_hidden_layers: int) -> torch.Tensor:
+    """The output tokens of block `layer`, `(batch_size, num_prefix_tokens + num_patches, hidden_size)`: those of
+    the last block through the backbone's final LayerNorm (`last_hidden_state`, the same normalisation every head
+    sees), the others as the block left them (`hidden_states[layer + 1]`, which the head normalises itself)."""
+    if layer == num_hidden_layers - 1:
+        return backbone_output.last_hidden_state
+    if backbone_output.hidden_states is None or backbone_output.hidden_states[layer + 1] is None:
+        raise ValueError(
+            f"dense heads need the backbone's hidden state of block {layer}: run it with output_hidden_states=True"
+        )
+    return backbone_output.hidden_states[layer + 1]
+
+
+def feature_norm(config: ModSquadConfig, layer: int) -> nn.Module:
+    """The LayerNorm a dense head applies to the tokens of block `layer`: none for the last block, whose tokens come
+    through the backbone's final LayerNorm (see [`block_tokens`]), a LayerNorm of its own for the others."""
+    if layer == config.num_hidden_layers - 1:
+        return nn.Identity()
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+def superseded_norm_patterns(model: nn.Module) -> set[str]:
+    """Weight-name patterns of the LayerNorms that dense heads of older checkpoints applied to the last block's tokens,
+    now read through the backbone's final LayerNorm (the `nn.Identity` entries of their `norms`): weights that such
+    checkpoints hold and today's models rightly leave unused."""
+    patterns = set()
+    for name, module in model.named_modules():
+        if name.endswith(".norms") and isinstance(module, nn.ModuleList):
+            for index, norm in enumerate(module):
+                if isinstance(norm, nn.Identity):
+                    patterns.add(rf"^{re.escape(name)}\.{index}\.")
+    return patterns
 
 
 class ModSquadChannelLayerNorm(nn.LayerNorm):
@@ -99,7 +141,8 @@ class ModSquadFeaturePyramid(nn.Module):
     Level `i` (finest first) reads block `feature_layers[j]` with `j` spread evenly over the listed blocks
     (shallow blocks feed fine levels, the last listed block feeds the coarsest level; with one listed block every
     level reads it, as in ViTDet). Each level LayerNorms the block's patch tokens (block outputs are un-normalised
-    residual streams), lays them out on the patch grid, resamples them (see [`pyramid_scales`]) and projects them
+    residual streams; the last block's come through the backbone's final LayerNorm, so that a model trained on dense
+    tasks alone trains it too), lays them out on the patch grid, resamples them (see [`pyramid_scales`]) and projects them
     to `out_channels` with a 1x1 then a 3x3 convolution, each followed by a channel LayerNorm.
 
     Args:
@@ -121,9 +164,8 @@ class ModSquadFeaturePyramid(nn.Module):
         spread = [round(i * (len(layers) - 1) / max(num_levels - 1, 1)) for i in range(num_levels)]
         self.level_layers = tuple(layers[j] for j in spread)
 
-        self.norms = nn.ModuleList(
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for _ in self.scales
-        )
+        self.num_hidden_layers = config.num_hidden_layers
+        self.norms = nn.ModuleList(feature_norm(config, layer) for layer in self.level_layers)
         self.resamplers = nn.ModuleList()
         self.projections = nn.ModuleList()
         for scale in self.scales:
@@ -139,12 +181,12 @@ class ModSquadFeaturePyramid(nn.Module):
             )
 
     def forward(
-        self, hidden_states: tuple[torch.Tensor, ...], image_size: tuple[int, int]
+        self, backbone_output: ModSquadModelOutput, image_size: tuple[int, int]
     ) -> list[torch.Tensor]:
         r"""
         Args:
-            hidden_states (`tuple(torch.Tensor)`): the backbone's `hidden_states` (embeddings, then every block's
-                output, each `(batch_size, num_prefix_tokens + num_patches, hidden_size)`), so block `i` is `hidden_states[i + 1]`.
+            backbone_output ([`ModSquadModelOutput`]): the backbone's output, with the `hidden_states` of the listed
+                blocks but the last (see [`block_tokens`]).
             image_size (`tuple[int, int]`): `(height, width)` of the input images, which fixes the patch grid.
 
         Returns:
@@ -152,16 +194,13 @@ class ModSquadFeaturePyramid(nn.Module):
             `(batch_size, out_channels, grid_height * scales[k], grid_width * scales[k])` (pooling rounds up),
             where `grid = image_size // patch_size`.
         """
-        if hidden_states is None:
-            raise ValueError(
-                "the feature pyramid needs the backbone's hidden_states (output_hidden_states=True)"
-            )
         grid_size = (image_size[0] // self.patch_size, image_size[1] // self.patch_size)
         levels = []
         for layer, norm, resampler, projection in zip(
             self.level_layers, self.norms, self.resamplers, self.projections
         ):
-            grid = tokens_to_grid(norm(hidden_states[layer + 1]), grid_size, self.num_prefix_tokens)
+            tokens = block_tokens(backbone_output, layer, self.num_hidden_layers)
+            grid = tokens_to_grid(norm(tokens), grid_size, self.num_prefix_tokens)
             levels.append(projection(resampler(grid)))
         return levels
 
@@ -176,7 +215,11 @@ __all__ = [
     "ModSquadChannelLayerNorm",
     "ModSquadFeaturePyramid",
     "ModSquadUpsample2x",
+    "block_tokens",
     "dense_head_channels",
+    "feature_hidden_state_indices",
+    "feature_norm",
     "pyramid_scales",
+    "superseded_norm_patterns",
     "tokens_to_grid",
 ]

@@ -20,7 +20,7 @@ class ModSquadImageClassifierOutput(ImageClassifierOutput):
         loss (`torch.FloatTensor`, *optional*): task loss plus the backbone's `aux_loss`, when `labels` are given.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): scores before softmax (or sigmoid).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
-        attentions: always `None` (kept for the standard output layout).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
         aux_loss (`torch.FloatTensor`): the backbone's per-batch auxiliary router loss (already in `loss`).
         router_logits, router_probs, expert_indices: see [`ModSquadModelOutput`].
     """
@@ -35,8 +35,9 @@ class ModSquadImageClassifierOutput(ImageClassifierOutput):
 class ModSquadImageClassificationHead(TaskHead):
     """Linear classifier on the final-normed `[CLS]` token.
 
-    Labels: class ids `(batch_size,)` (single-label), or multi-hot `(batch_size, num_labels)` for tasks with
-    `problem_type="multi_label_classification"`.
+    Labels: class ids `(batch_size,)` (single-label), multi-hot `(batch_size, num_labels)` for tasks with
+    `problem_type="multi_label_classification"`, or float targets `(batch_size,)` (one label) /
+    `(batch_size, num_labels)` for `problem_type="regression"` (mean squared error, as in Transformers).
     """
 
     task_type = "image-classification"
@@ -60,19 +61,35 @@ class ModSquadImageClassificationHead(TaskHead):
             loss=loss,
             logits=logits,
             hidden_states=backbone_output.hidden_states,
+            attentions=backbone_output.attentions,
             **routing_fields(backbone_output),
         )
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    """Cross-entropy for class ids `(batch,)`, or binary cross-entropy for multi-hot `(batch, num_labels)` labels."""
+    """Cross-entropy for class ids `(batch,)`, binary cross-entropy for multi-hot `(batch, num_labels)` labels, or
+    mean squared error for regression targets (`(batch,)` or `(batch, 1)` with one label)."""
     batch, num_labels = logits.shape
+    if problem_type == "regression":
+        expected = [(batch, num_labels)] + ([(batch,)] if num_labels == 1 else [])
+        if tuple(labels.shape) not in expected:
+            raise ValueError(
+                f"regression labels must have shape {' or '.join(map(str, expected))}, got {tuple(labels.shape)}"
+            )
+        return nn.functional.mse_loss(logits.reshape(labels.shape), labels.to(logits.dtype))
     if problem_type == "multi_label_classification":
         if labels.shape != (batch, num_labels):
             raise ValueError(
                 f"multi-label labels must be multi-hot of shape ({batch}, {num_labels}), got {tuple(labels.shape)}"
             )
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        targets = labels.to(logits.dtype)
+        outside = ~torch.isfinite(targets) | (targets < 0) | (targets > 1)
+        if bool(outside.any()):
+            raise ValueError(
+                f"multi-label targets must be multi-hot (or soft) values in [0, 1], got "
+                f"{targets[outside].unique()[:10].tolist()}"
+            )
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
     if labels.shape != (batch,) or labels.is_floating_point():
         raise ValueError(
             f"single-label labels must be integer class ids of shape ({batch},), got {labels.dtype} "

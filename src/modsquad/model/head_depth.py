@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_modsquad import task_option
-from .feature_pyramid import ModSquadFeaturePyramid, dense_head_channels
+from .feature_pyramid import ModSquadFeaturePyramid, dense_head_channels, feature_hidden_state_indices
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 
 # Hidden width of the last full-resolution convolution (DPT's value).
@@ -30,7 +30,7 @@ class ModSquadDepthEstimatorOutput(DepthEstimatorOutput):
         predicted_depth (`torch.FloatTensor` of shape `(batch_size, height, width)`): depth at the input resolution,
             in `(0, max_depth)`, in the unit of the training labels (metres by convention).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
-        attentions: always `None` (kept for the standard output layout).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
         aux_loss (`torch.FloatTensor`): the backbone's per-batch auxiliary router loss (already in `loss`).
         router_logits, router_probs, expert_indices: see [`ModSquadModelOutput`].
     """
@@ -89,7 +89,6 @@ class ModSquadDepthEstimationHead(TaskHead):
     auto_class = "AutoModelForDepthEstimation"
     pipeline_tag = "depth-estimation"
     metrics = ("delta1", "abs_rel")
-    needs_hidden_states = True
 
     def __init__(self, config, task: dict):
         super().__init__(config, task)
@@ -97,6 +96,7 @@ class ModSquadDepthEstimationHead(TaskHead):
         self.silog_lambda = float(task_option(task, "silog_lambda"))
         channels = dense_head_channels(task)
         self.pyramid = ModSquadFeaturePyramid(config, channels)
+        self.hidden_state_indices = feature_hidden_state_indices(config, self.pyramid.level_layers)
         self.fusion = nn.ModuleList(ModSquadFusionBlock(channels) for _ in self.pyramid.scales)
         half = max(channels // 2, 1)
         self.head_in = nn.Conv2d(channels, half, kernel_size=3, padding=1)
@@ -107,7 +107,7 @@ class ModSquadDepthEstimationHead(TaskHead):
         )
 
     def forward(self, backbone_output, pixel_values: torch.Tensor) -> torch.Tensor:
-        levels = self.pyramid(backbone_output.hidden_states, pixel_values.shape[-2:])
+        levels = self.pyramid(backbone_output, pixel_values.shape[-2:])
         fused = None
         for block, level in zip(reversed(self.fusion), reversed(levels)):
             fused = block(level, fused)
@@ -121,11 +121,18 @@ class ModSquadDepthEstimationHead(TaskHead):
         check_depth_labels(labels, predicted_depth.shape[0])
         return silog_loss(predicted_depth, labels, self.silog_lambda)
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Images with a valid pixel (the loss is the mean of their per-image losses)."""
+        labels = torch.as_tensor(labels)
+        valid = (labels > 0) & torch.isfinite(labels)
+        return valid.flatten(1).any(dim=1).sum().float()
+
     def build_output(self, loss, predicted_depth, backbone_output) -> ModSquadDepthEstimatorOutput:
         return ModSquadDepthEstimatorOutput(
             loss=loss,
             predicted_depth=predicted_depth,
             hidden_states=backbone_output.hidden_states,
+            attentions=backbone_output.attentions,
             **routing_fields(backbone_output),
         )
 

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.image_transforms import corners_to_center_format
 from transformers.modeling_outputs import ModelOutput
 
-from .box_ops import xyxy_to_cxcywh
 from .configuration_modsquad import task_option
-from .feature_pyramid import ModSquadChannelLayerNorm, tokens_to_grid
+from .feature_pyramid import (
+    ModSquadChannelLayerNorm,
+    block_tokens,
+    feature_hidden_state_indices,
+    feature_norm,
+    tokens_to_grid,
+)
 from .loss_detection import detection_loss
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 
@@ -41,8 +47,12 @@ class ModSquadObjectDetectionOutput(ModelOutput):
         pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_queries, 4)`): the box each cell predicts, as
             normalised `(center_x, center_y, width, height)` clipped to the image.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
+        attentions (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
         aux_loss (`torch.FloatTensor`): the backbone's per-batch auxiliary router loss (already in `loss`).
         router_logits, router_probs, expert_indices: see [`ModSquadModelOutput`].
+        heatmap (`torch.FloatTensor` of shape `(batch_size, num_labels, map_height, map_width)`): the same centre
+            logits as `logits`, laid out on the output map, so that post-processing can keep only the local maxima
+            of each class's heatmap (CenterNet's peak extraction).
     """
 
     loss: torch.FloatTensor | None = None
@@ -50,28 +60,31 @@ class ModSquadObjectDetectionOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_probs: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
+    # Last, so that the tuple positions of the fields above stay what they were.
+    heatmap: torch.FloatTensor | None = None
 
 
 class DetectionNeck(nn.Module):
     """Patch tokens of several blocks -> one `(batch, channels, map_h, map_w)` map at `output_stride`.
 
-    The tokens of each feature block are layer-normed, concatenated, projected by a 1x1 convolution, then doubled in
+    The tokens of each feature block are layer-normed (the last block's by the backbone's final LayerNorm, see
+    [`block_tokens`]), concatenated, projected by a 1x1 convolution, then doubled in
     resolution (bilinear + 3x3 convolution) until they reach the output stride.
     """
 
     def __init__(self, config, channels: int, output_stride: int):
         super().__init__()
         self.feature_layers = list(config.feature_layers)
+        self.num_hidden_layers = config.num_hidden_layers
         self.patch_size = config.patch_size
         self.num_prefix_tokens = config.num_prefix_tokens
         self.output_stride = output_stride
-        self.norms = nn.ModuleList(
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for _ in self.feature_layers
-        )
+        self.norms = nn.ModuleList(feature_norm(config, layer) for layer in self.feature_layers)
         self.projection = nn.Conv2d(config.hidden_size * len(self.feature_layers), channels, kernel_size=1)
         num_stages = math.ceil(math.log2(config.patch_size // output_stride))
         self.upsample = nn.ModuleList(
@@ -83,9 +96,13 @@ class DetectionNeck(nn.Module):
             for _ in range(num_stages)
         )
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, backbone_output, grid_size: tuple[int, int]) -> torch.Tensor:
         grids = [
-            tokens_to_grid(norm(hidden_states[layer + 1]), grid_size, self.num_prefix_tokens)
+            tokens_to_grid(
+                norm(block_tokens(backbone_output, layer, self.num_hidden_layers)),
+                grid_size,
+                self.num_prefix_tokens,
+            )
             for layer, norm in zip(self.feature_layers, self.norms)
         ]
         features = self.projection(torch.cat(grids, dim=1))
@@ -125,7 +142,6 @@ class ModSquadObjectDetectionHead(TaskHead):
     auto_class = "AutoModelForObjectDetection"
     pipeline_tag = "object-detection"
     metrics = ("map_50", "map")
-    needs_hidden_states = True
 
     def __init__(self, config, task: dict):
         super().__init__(config, task)
@@ -137,6 +153,7 @@ class ModSquadObjectDetectionHead(TaskHead):
         self.box_loss_coef = float(task_option(task, "box_loss_coef"))
         self.patch_size = config.patch_size
         self.neck = DetectionNeck(config, channels, self.output_stride)
+        self.hidden_state_indices = feature_hidden_state_indices(config, self.neck.feature_layers)
         self.heatmap = prediction_branch(channels, self.num_labels)
         self.box_distances = prediction_branch(channels, 4)
         # Added to the heatmap logits rather than put in the bias, which the models' weight init zeroes.
@@ -147,7 +164,7 @@ class ModSquadObjectDetectionHead(TaskHead):
         `(batch, map_h * map_w, 4)` under `"heatmap"` and `"boxes_xyxy"`, plus the input `"image_size"`."""
         height, width = pixel_values.shape[-2:]
         grid = (height // self.patch_size, width // self.patch_size)
-        features = self.neck(backbone_output.hidden_states, grid)
+        features = self.neck(backbone_output, grid)
         heatmap = self.heatmap(features) + self.heatmap_prior_logit
         # Distances (in cells) from each cell centre to the left, top, right and bottom sides of its box.
         distances = self.box_distances(features).clamp(max=MAX_LOG_DISTANCE).exp()
@@ -179,14 +196,20 @@ class ModSquadObjectDetectionHead(TaskHead):
         )
         return loss
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Objects (both loss terms are sums divided by the number of objects)."""
+        return torch.tensor(float(sum(len(target["class_labels"]) for target in labels)))
+
     def build_output(self, loss, predictions: dict, backbone_output) -> ModSquadObjectDetectionOutput:
         return ModSquadObjectDetectionOutput(
             loss=loss,
             loss_dict=predictions.get("loss_dict"),
             logits=predictions["heatmap"].flatten(2).transpose(1, 2),
-            pred_boxes=xyxy_to_cxcywh(predictions["boxes_xyxy"].clamp(0, 1)),
+            pred_boxes=corners_to_center_format(predictions["boxes_xyxy"].clamp(0, 1)),
             hidden_states=backbone_output.hidden_states,
+            attentions=backbone_output.attentions,
             **routing_fields(backbone_output),
+            heatmap=predictions["heatmap"],
         )
 
 

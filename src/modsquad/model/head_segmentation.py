@@ -8,7 +8,12 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .feature_pyramid import ModSquadChannelLayerNorm, ModSquadFeaturePyramid, dense_head_channels
+from .feature_pyramid import (
+    ModSquadChannelLayerNorm,
+    ModSquadFeaturePyramid,
+    dense_head_channels,
+    feature_hidden_state_indices,
+)
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 
 
@@ -24,7 +29,7 @@ class ModSquadSemanticSegmenterOutput(SemanticSegmenterOutput):
             resolution for 16-pixel patches; see [`pyramid_scales`]). As in SegFormer they are not upsampled: the
             loss and [`ModSquadImageProcessor.post_process_semantic_segmentation`] upsample them.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
-        attentions: always `None` (kept for the standard output layout).
+        attentions (`tuple(torch.FloatTensor)`, *optional*): see [`ModSquadModelOutput`].
         aux_loss (`torch.FloatTensor`): the backbone's per-batch auxiliary router loss (already in `loss`).
         router_logits, router_probs, expert_indices: see [`ModSquadModelOutput`].
     """
@@ -88,7 +93,6 @@ class ModSquadSemanticSegmentationHead(TaskHead):
     auto_class = "AutoModelForSemanticSegmentation"
     pipeline_tag = "image-segmentation"
     metrics = ("mean_iou", "overall_accuracy")
-    needs_hidden_states = True
 
     def __init__(self, config, task: dict):
         super().__init__(config, task)
@@ -96,11 +100,12 @@ class ModSquadSemanticSegmentationHead(TaskHead):
         self.ignore_index = task["ignore_index"]
         channels = dense_head_channels(task)
         self.pyramid = ModSquadFeaturePyramid(config, channels)
+        self.hidden_state_indices = feature_hidden_state_indices(config, self.pyramid.level_layers)
         self.decoder = ModSquadSegmentationDecoder(channels, len(self.pyramid.scales))
         self.classifier = nn.Conv2d(channels, self.num_labels, kernel_size=1)
 
     def forward(self, backbone_output, pixel_values: torch.Tensor) -> torch.Tensor:
-        levels = self.pyramid(backbone_output.hidden_states, pixel_values.shape[-2:])
+        levels = self.pyramid(backbone_output, pixel_values.shape[-2:])
         return self.classifier(self.decoder(levels))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -108,11 +113,16 @@ class ModSquadSemanticSegmentationHead(TaskHead):
         check_segmentation_labels(labels, logits.shape[0], self.num_labels, self.ignore_index)
         return segmentation_loss(logits, labels, self.ignore_index)
 
+    def loss_count(self, labels) -> torch.Tensor:
+        """Labelled pixels (the cross-entropy is their mean)."""
+        return (torch.as_tensor(labels) != self.ignore_index).sum().float()
+
     def build_output(self, loss, logits, backbone_output) -> ModSquadSemanticSegmenterOutput:
         return ModSquadSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             hidden_states=backbone_output.hidden_states,
+            attentions=backbone_output.attentions,
             **routing_fields(backbone_output),
         )
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers.image_transforms import center_to_corners_format
 
-from .box_ops import aligned_generalized_box_iou, cxcywh_to_xyxy
+from .box_ops import aligned_generalized_box_iou
 
 # Gaussian radius as a share of the box side (TTFNet's alpha): sigma = GAUSSIAN_ALPHA * side / 6.
 GAUSSIAN_ALPHA = 0.54
@@ -85,7 +86,7 @@ def check_detection_labels(
                 f"labels[{index}]['boxes'] has degenerate boxes {_rounded(boxes[degenerate])} "
                 "(width and height must be > 0)"
             )
-        corners = cxcywh_to_xyxy(boxes)
+        corners = center_to_corners_format(boxes)
         outside = ((corners < -BOX_EPS) | (corners > 1 + BOX_EPS)).any(-1)
         if outside.any():
             raise ValueError(
@@ -150,7 +151,7 @@ def detection_targets(
 
     # A cell regresses the smallest object whose box holds its centre (its own centre cell always counts, so
     # boxes thinner than a cell still get one).
-    corners = cxcywh_to_xyxy(boxes) * scale.repeat(2)
+    corners = center_to_corners_format(boxes) * scale.repeat(2)
     cell_x = (cols + 0.5)[None, None, :]
     cell_y = (rows + 0.5)[None, :, None]
     inside = (
@@ -167,7 +168,7 @@ def detection_targets(
     weights = torch.where(assigned, gaussian.gather(0, owner[None]).squeeze(0), torch.zeros_like(box_weights))
     per_object = torch.zeros(len(boxes), device=device).index_add_(0, owner, weights)
     box_weights = weights / per_object[owner].clamp(min=1e-12)
-    box_targets = cxcywh_to_xyxy(boxes)[owner]
+    box_targets = center_to_corners_format(boxes)[owner]
     return heatmap, box_targets, box_weights
 
 

@@ -21,6 +21,13 @@ from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.output_capturing import (
+    OutputRecorder,
+    capture_outputs,
+    maybe_install_capturing_hooks,
+    resolve_hidden_states_indices,
+    selected_hidden_states,
+)
 
 from .configuration_modsquad import ModSquadConfig
 from .moe import (
@@ -32,7 +39,7 @@ from .moe import (
     load_balancing_loss,
     router_z_loss,
 )
-from .sorted_mm import SORTED_MM
+from .sorted_mm import AUTO
 
 # Tokens in front of the patches with the default `task_conditioning="token"`: [CLS] then the task token (in general:
 # `config.num_prefix_tokens`).
@@ -51,26 +58,37 @@ class ModSquadModelOutput(ModelOutput):
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The final-normed `[CLS]` token.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
-            The embeddings then the output of every block, each `(batch_size, num_prefix_tokens + num_patches,
-            hidden_size)`.
-        router_logits (`tuple(torch.FloatTensor)`):
+            The embeddings then the output of every block (before the final LayerNorm), each
+            `(batch_size, num_prefix_tokens + num_patches, hidden_size)`. `output_hidden_states=[i, ...]` keeps only
+            those entries (the others are `None`). With `task_conditioning="embedding"` the task embedding a block
+            adds to its input is in none of them.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            One tensor per block, the attention probabilities `(batch_size, num_heads, sequence_length,
+            sequence_length)` (computed by eager attention for that call). For a block of attention experts `num_heads` is
+            `attention_expert_heads * attention_experts_per_tok`: for each key/value head, the queries of the
+            token's chosen experts in routing order.
+        router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
             One `(batch_size * sequence_length, num_experts)` tensor per router, in block order (the attention
             router of a block before its MLP router).
-        router_probs (`tuple(torch.FloatTensor)`):
+        router_probs (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
             Softmax of `router_logits`; what [`RoutingStatistics.update`] accumulates for the mutual-information loss.
-        expert_indices (`tuple(torch.LongTensor)`):
+        expert_indices (`tuple(torch.LongTensor)`, *optional*, returned with `output_router_logits=True`):
             One `(batch_size * sequence_length, top_k)` tensor per router: the experts each token was sent to.
-        balance_loss (`torch.FloatTensor`): Switch load-balancing loss of this batch (1.0 when balanced).
-        z_loss (`torch.FloatTensor`): router z-loss of this batch.
-        aux_loss (`torch.FloatTensor`): `balance_loss_coef * balance_loss + z_loss_coef * z_loss`, the per-batch
-            auxiliary loss the heads add to their task loss. The mutual-information loss needs several tasks and is
-            taken over a whole optimizer step with [`RoutingStatistics`].
+        balance_loss (`torch.FloatTensor`, *optional*, returned with `output_router_logits=True`): Switch
+            load-balancing loss of this batch (1.0 when balanced).
+        z_loss (`torch.FloatTensor`, *optional*, returned with `output_router_logits=True`): router z-loss of this
+            batch.
+        aux_loss (`torch.FloatTensor`, *optional*, returned with `output_router_logits=True`):
+            `balance_loss_coef * balance_loss + z_loss_coef * z_loss`, the per-batch auxiliary loss the heads add to
+            their task loss (as Mixtral's heads add theirs when asked for router logits). The mutual-information loss
+            needs several tasks and is taken over a whole optimizer step with [`RoutingStatistics`].
         task_id (`int`): id of the task this batch was run for.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_probs: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
@@ -192,16 +210,25 @@ class ModSquadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
         self.o_proj = nn.Linear(inner, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output `(batch, seq, hidden)` and its probabilities `(batch, heads, seq, seq)`: computed by eager
+        attention when `output_attentions`, else by the configured kernel (`None` from those that do not form them,
+        such as sdpa)."""
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attention_fn = (
+            eager_attention_forward
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         )
-        attn, _ = attention_fn(
+        attn, weights = attention_fn(
             self,
             query,
             key,
@@ -211,7 +238,7 @@ class ModSquadSelfAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        return self.o_proj(attn.reshape(batch, seq, -1)), None
+        return self.o_proj(attn.reshape(batch, seq, -1)), weights
 
 
 class ModSquadMLP(nn.Module):
@@ -279,17 +306,23 @@ class ModSquadBlock(GradientCheckpointingLayer):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, ModSquadSparseMLP)
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, list[RouterOutput]]:
-        routings = []
-        attn, routing = self.attention(self.norm1(hidden_states), task_id)
-        if routing is not None:
-            routings.append(routing)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        task_id: int,
+        output_attentions: bool = False,
+        task_embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # Attention probabilities and routing decisions are recorded from the submodules' outputs by the backbone's
+        # `_can_record_outputs` hooks, so the block passes on only the hidden states.
+        if task_embedding is not None:
+            # `task_conditioning="embedding"`: the task's vector is added to every token before every block. Added
+            # here rather than by the backbone, so that the recorded `hidden_states` stay the blocks' own outputs.
+            hidden_states = hidden_states + task_embedding
+        attn, _ = self.attention(self.norm1(hidden_states), task_id, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.dropout(attn))
-        mlp, routing = self.mlp(self.norm2(hidden_states), task_id)
-        if routing is not None:
-            routings.append(routing)
-        hidden_states = hidden_states + self.drop_path(self.dropout(mlp))
-        return hidden_states, routings
+        mlp, _ = self.mlp(self.norm2(hidden_states), task_id)
+        return hidden_states + self.drop_path(self.dropout(mlp))
 
 
 # ------------------------------------------------------------------------------------------ pretrained base
@@ -319,6 +352,16 @@ class ModSquadPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
+    # What `output_hidden_states`, `output_attentions` and `output_router_logits` return, recorded from the modules'
+    # outputs as in Transformers' own MoE models. One router call yields its logits, probabilities and chosen experts;
+    # `output_router_logits=True` returns all three (training and pruning read the last two).
+    _can_record_outputs = {
+        "hidden_states": ModSquadBlock,
+        "attentions": [ModSquadSelfAttention, ModSquadAttentionExperts],
+        "router_logits": OutputRecorder(ModSquadTaskRouter, index=0),
+        "router_probs": OutputRecorder(ModSquadTaskRouter, index=1),
+        "expert_indices": OutputRecorder(ModSquadTaskRouter, index=2),
+    }
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -330,12 +373,15 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Default to the sorted kernel registered in moe.py: the fastest exact one on CPU for training and inference.
-        return super().get_correct_experts_implementation(requested_experts or SORTED_MM)
+        # Default to `"auto"` (sorted_mm.py): per call, the sorted per-expert GEMMs on CPU (the fastest exact kernel
+        # there) and one grouped GEMM on GPUs. The device is not known here (models are built on CPU or meta and
+        # moved), so the choice is made where the tokens are.
+        return super().get_correct_experts_implementation(requested_experts or AUTO)
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
-        # Reentrant checkpointing re-attaches only the tensors a block returns directly; the router outputs travel
-        # inside `RouterOutput` objects, so the aux and mutual-information losses would silently lose their gradient.
+        # Reentrant checkpointing runs each block's forward without autograd and re-attaches only what the block
+        # returns: the router outputs recorded inside it would carry no gradient, so the aux and mutual-information
+        # losses would silently stop training the routers.
         checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if checkpoint_kwargs["use_reentrant"]:
             raise ValueError(
@@ -382,15 +428,16 @@ class ModSquadPreTrainedModel(PreTrainedModel):
         task: str | None = None,
         router_init_std: float | None = None,
         dense_kwargs: dict | None = None,
+        upcycling_mode: str = "copy",
         **config_kwargs,
     ) -> ModSquadPreTrainedModel:
         r"""
         Sparse upcycling: builds this class from a dense ViT, DeiT or DINOv2 (patch and position embeddings,
-        attention, norms copied; every expert a copy of its block's MLP, `expert_intermediate_size` = the dense MLP
-        width). With the default `norm_topk_prob=True` the upcycled backbone computes what the dense one does: DeiT
-        exactly (task tokens take the distillation token's slot); ViT and DINOv2 with the task token, initialised as
-        a copy of `[CLS]`, added to the sequence. DINOv2's layer scales are folded into the output projections; the
-        ViT pooler and dense heads are left out (heads start fresh).
+        attention, norms copied; the experts built from their block's MLP). With the default `norm_topk_prob=True`
+        the upcycled backbone computes what the dense one does: DeiT exactly (task tokens take the distillation
+        token's slot); ViT and DINOv2 with the task token, initialised as a copy of `[CLS]`, added to the sequence.
+        DINOv2's layer scales are folded into the output projections; the ViT pooler and dense heads are left out
+        (heads start fresh).
 
         Args:
             model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a dense model (backbone or head model), a
@@ -400,6 +447,11 @@ class ModSquadPreTrainedModel(PreTrainedModel):
                 `initializer_range`; identical experts need a random router to receive different tokens. 0 keeps
                 zero routers.
             dense_kwargs (`dict`, *optional*): `from_pretrained` arguments for loading `model_or_path`.
+            upcycling_mode (`str`, *optional*, defaults to `"copy"`): `"copy"`: every expert a copy of the dense MLP
+                (`expert_intermediate_size` = the MLP width; top-k costs k dense MLPs per token). `"partition"`:
+                compute-matched experts, each a slice of `1 / num_experts_per_tok` of the MLP's hidden units, so the
+                k active experts cost one dense MLP; routers start grouped so that every token picks all slices
+                once (exact at initialisation; see `modsquad.adaptation.upcycling`).
             config_kwargs: other [`ModSquadConfig`] fields: `tasks`, `num_experts`, `num_experts_per_tok`,
                 `moe_layers`, `moe_attention`, ... (the shape fields come from the dense checkpoint).
 
@@ -418,7 +470,9 @@ class ModSquadPreTrainedModel(PreTrainedModel):
             raise ImportError(
                 "from_dense (sparse upcycling) needs the modsquad package: pip install modsquad"
             ) from error
-        return upcycling.upcycle(cls, model_or_path, task, router_init_std, dense_kwargs, **config_kwargs)
+        return upcycling.upcycle(
+            cls, model_or_path, task, router_init_std, dense_kwargs, mode=upcycling_mode, **config_kwargs
+        )
 
     def _remote_code_classes(self) -> dict[str, type]:
         """Auto class -> model class, for the `auto_map` of a saved folder: the backbone, plus what subclasses add
@@ -482,7 +536,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
         attention_experts = config.attention_experts_per_layer
         expert_limits = config.routable_experts_per_layer
         attention_expert_limits = config.routable_attention_experts_per_layer
-        drop_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Plain Python (not torch.linspace(...).tolist()): the model must also build on the meta device.
+        last = max(config.num_hidden_layers - 1, 1)
+        drop_rates = [config.drop_path_rate * layer / last for layer in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList()
         for layer in range(config.num_hidden_layers):
             moe_pos, attention_pos = moe_positions.get(layer), attention_positions.get(layer)
@@ -503,6 +559,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+        # Install the output-recording hooks now, not on the first forward that asks for routing: installing them
+        # takes a lock, which torch.compile cannot trace (a graph break in the first compiled call).
+        maybe_install_capturing_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
@@ -511,7 +570,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         task: str | int = 0,
-        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ModSquadModelOutput | tuple:
@@ -521,48 +582,93 @@ class ModSquadModel(ModSquadPreTrainedModel):
                 Images as prepared by [`ModSquadImageProcessor`]; any size (position embeddings are interpolated).
             task (`str` or `int`, *optional*, defaults to 0):
                 The task of this batch: a task name or id. Every image of a batch belongs to that one task.
-            output_hidden_states (`bool`, *optional*): return the embeddings and every block's output.
+            output_router_logits (`bool`, *optional*): return the routing tensors (`router_logits`, `router_probs`,
+                `expert_indices`) and the router losses; defaults to `config.output_router_logits` (False).
+            output_hidden_states (`bool` or `list[int]`, *optional*): return the embeddings and every block's output
+                (or only those listed); defaults to `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*): return every block's attention probabilities (computed by eager
+                attention for this call whatever `attn_implementation` is: sdpa and the other kernels never form
+                them). Defaults to `config.output_attentions`.
             return_dict (`bool`, *optional*): return a [`ModSquadModelOutput`] rather than a tuple.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         task_id = self.config.task_index(task)
+        # One flag for the three tensors each router call yields (`_can_record_outputs`).
+        routing = bool(output_router_logits)
+        # The other flags reach the recorder only when given, so that the config's defaults apply otherwise.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        kwargs.update({name: value for name, value in flags.items() if value is not None})
+        output = self._encode(
+            pixel_values,
+            task_id,
+            output_router_logits=routing,
+            output_router_probs=routing,
+            output_expert_indices=routing,
+            return_dict=True,
+            **kwargs,
+        )
+        if routing and output.router_logits:
+            routings = [
+                RouterOutput(logits, probs, indices, None)
+                for logits, probs, indices in zip(
+                    output.router_logits, output.router_probs, output.expert_indices
+                )
+            ]
+            output.balance_loss = load_balancing_loss(routings)
+            output.z_loss = router_z_loss(routings)
+            output.aux_loss = (
+                self.config.balance_loss_coef * output.balance_loss + self.config.z_loss_coef * output.z_loss
+            )
+        return output if return_dict else output.to_tuple()
 
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode(self, pixel_values: torch.Tensor, task_id: int, **kwargs) -> ModSquadModelOutput:
+        # `hidden_states` are the blocks' outputs before the final LayerNorm (as in ViT), hence no tying.
+        output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
         hidden_states = self.embeddings(pixel_values, task_id)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        routings: list[RouterOutput] = []
         task_embedding = None
         if self.config.task_conditioning == "embedding":
             task_embedding = self.embeddings.task_embedding(task_id)
         for block in self.layers:
-            if task_embedding is not None:
-                hidden_states = hidden_states + task_embedding
-            hidden_states, block_routings = block(hidden_states, task_id)
-            routings.extend(block_routings)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
+            hidden_states = block(hidden_states, task_id, output_attentions, task_embedding)
         sequence_output = self.layernorm(hidden_states)
-
-        balance = z_loss = aux_loss = None
-        if routings:
-            balance = load_balancing_loss(routings)
-            z_loss = router_z_loss(routings)
-            aux_loss = self.config.balance_loss_coef * balance + self.config.z_loss_coef * z_loss
-        output = ModSquadModelOutput(
-            last_hidden_state=sequence_output,
-            pooler_output=sequence_output[:, 0],
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            router_logits=tuple(r.logits for r in routings),
-            router_probs=tuple(r.probs for r in routings),
-            expert_indices=tuple(r.top_k_index for r in routings),
-            balance_loss=balance,
-            z_loss=z_loss,
-            aux_loss=aux_loss,
-            task_id=task_id,
+        return ModSquadModelOutput(
+            last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0], task_id=task_id
         )
-        return output if return_dict else output.to_tuple()
 
 
-__all__ = ["ModSquadModel", "ModSquadModelOutput", "ModSquadPreTrainedModel"]
+def hidden_states_request(
+    backbone: ModSquadModel, requested: bool | int | list[int] | None, needed: list[int]
+) -> bool | list[int]:
+    """What a head asks its backbone for when the caller asked for `requested` hidden states (a flag, an index or a
+    list of them) and the head itself reads the entries `needed`: everything, or the union of both selections."""
+    if requested is True:
+        return True
+    selected = set()
+    if requested is not None and requested is not False:
+        selected = resolve_hidden_states_indices(backbone, selected_hidden_states(requested))
+    selected |= set(needed)
+    return sorted(selected) if selected else False
+
+
+def keep_requested_hidden_states(
+    backbone: ModSquadModel, hidden_states: tuple | None, requested: bool | int | list[int] | None
+) -> tuple | None:
+    """The backbone's `hidden_states` cut down to what the caller asked for (`None` when nothing)."""
+    if hidden_states is None or requested is None or requested is False:
+        return None
+    if requested is True:
+        return hidden_states
+    kept = resolve_hidden_states_indices(backbone, selected_hidden_states(requested), len(hidden_states))
+    return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
+
+
+__all__ = [
+    "ModSquadModel",
+    "ModSquadModelOutput",
+    "ModSquadPreTrainedModel",
+    "hidden_states_request",
+    "keep_requested_hidden_states",
+]

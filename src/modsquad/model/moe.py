@@ -2,15 +2,15 @@
 
 The experts keep their weights as 3-D parameters (`[num_experts, out, in]`) and go through Transformers' experts
 dispatch (`use_experts_implementation`), so `experts_implementation="eager" | "grouped_mm" | "batched_mm" | ...`
-picks the kernel as for Mixtral or Qwen-MoE; `"sorted_mm"` (the default, see `sorted_mm.py`) is registered by this
-package.
+picks the kernel as for Mixtral or Qwen-MoE; `"auto"` (the default: `"sorted_mm"` on CPU, `"grouped_mm"` on GPUs) and
+`"sorted_mm"` are registered by this package (see `sorted_mm.py`).
 
 This file is also shipped as remote code next to checkpoints: it imports only torch, transformers and siblings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,25 +19,26 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .sorted_mm import ExpertDispatch, sorted_grouped_linear
+from .sorted_mm import ExpertDispatch, attention_experts_kernel, expert_linear
 
 
 # ------------------------------------------------------------------------------------------------- routers
-@dataclass
-class RouterOutput:
-    """What one router decided for a batch of tokens.
+class RouterOutput(NamedTuple):
+    """What one router decided for a batch of tokens. A tuple, so that the backbone's output recorders pick its fields
+    by position (`router_logits` 0, `router_probs` 1, `expert_indices` 2), as for Qwen3-MoE's routers.
 
     Attributes:
         logits: `(tokens, num_experts)` clean router logits (z-loss, statistics).
         probs: `(tokens, num_experts)` softmax of the clean logits.
         top_k_index: `(tokens, top_k)` chosen experts.
-        top_k_weights: `(tokens, top_k)` mixing weights of the chosen experts.
+        top_k_weights: `(tokens, top_k)` mixing weights of the chosen experts (not recorded in model outputs, so
+            `None` in the routings rebuilt from them; the auxiliary losses do not read it).
     """
 
     logits: torch.Tensor
     probs: torch.Tensor
     top_k_index: torch.Tensor
-    top_k_weights: torch.Tensor
+    top_k_weights: torch.Tensor | None
 
 
 class ModSquadTaskRouter(nn.Module):
@@ -174,15 +175,23 @@ class ModSquadAttentionExperts(nn.Module):
         self.o_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, inner))
         self.o_proj_bias = nn.Parameter(torch.empty(num_experts, config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, task_id: int) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(
+        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output `(batch, seq, hidden)` and its probabilities `(batch, attention_expert_heads * top_k, seq,
+        seq)` (kv-head-major: the `top_k` expert queries of each key/value head in routing order): computed by eager
+        attention when `output_attentions`, else by the configured kernel (`None` from those that do not form them,
+        such as sdpa)."""
         batch, seq, hidden = hidden_states.shape
         heads, head_dim, k = self.num_heads, self.head_dim, self.top_k
         flat = hidden_states.reshape(-1, hidden)
         routing = self.router(flat, task_id)
         dispatch = ExpertDispatch.from_indices(routing.top_k_index, self.num_experts)
+        # The configured experts implementation picks the GEMM kernel: `sorted_mm` on CPU, `grouped_mm` on GPUs.
+        kernel = attention_experts_kernel(self.config._experts_implementation, flat.device.type)
 
-        q_sorted = sorted_grouped_linear(
-            flat.index_select(0, dispatch.token_of_slot), self.q_proj, self.q_proj_bias, dispatch.counts
+        q_sorted = expert_linear(
+            flat.index_select(0, dispatch.token_of_slot), self.q_proj, self.q_proj_bias, dispatch, kernel
         )
         q = torch.empty_like(q_sorted).index_copy_(0, dispatch.order, q_sorted)  # back to (token, slot) order
         # (B, S, k, heads, d) -> (B, heads * k, S, d): kv-head-major so that each key/value head serves k queries
@@ -193,10 +202,14 @@ class ModSquadAttentionExperts(nn.Module):
         )
         key = self.k_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, heads, head_dim).transpose(1, 2)
-        attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, self._eager_attention_fn
+        attention_fn = (
+            self._eager_attention_fn
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, self._eager_attention_fn
+            )
         )
-        attn, _ = attention_fn(
+        attn, weights = attention_fn(
             self,
             q,
             key,
@@ -210,12 +223,12 @@ class ModSquadAttentionExperts(nn.Module):
         attn = (
             attn.reshape(batch, seq, heads, k, head_dim).permute(0, 1, 3, 2, 4).reshape(-1, heads * head_dim)
         )
-        y = sorted_grouped_linear(
-            attn.index_select(0, dispatch.order), self.o_proj, self.o_proj_bias, dispatch.counts
+        y = expert_linear(
+            attn.index_select(0, dispatch.order), self.o_proj, self.o_proj_bias, dispatch, kernel
         )
         y = y * routing.top_k_weights.reshape(-1).index_select(0, dispatch.order).unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, dispatch.token_of_slot, y.to(flat.dtype))
-        return out.view(batch, seq, hidden), routing
+        return out.view(batch, seq, hidden), weights
 
 
 # --------------------------------------------------------------------------------------- auxiliary losses

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -9,7 +12,13 @@ from transformers.image_processing_outputs import SemanticSegmentationPostProces
 
 
 def to_2d_array(label_map, name: str, index: int) -> np.ndarray:
-    """A segmentation or depth map (PIL image, NumPy array or tensor, `(H, W)` or `(1, H, W)`) as a 2-D array."""
+    """A segmentation or depth map (PIL image, NumPy array, tensor, or the path of an image file; `(H, W)` or
+    `(1, H, W)`) as a 2-D array."""
+    if isinstance(label_map, (str, os.PathLike)):
+        if not os.path.isfile(label_map):
+            raise ValueError(f"{name}[{index}]: no map file at {os.fspath(label_map)!r}")
+        with Image.open(label_map) as opened:
+            label_map = np.asarray(opened)  # as stored: no RGB conversion, ids and depths kept
     array = np.asarray(label_map.numpy() if hasattr(label_map, "numpy") else label_map)
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array.squeeze(0) if array.shape[0] == 1 else array.squeeze(-1)
@@ -27,8 +36,15 @@ def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.NEAREST))
 
 
-def prepare_segmentation_labels(maps, original_sizes, height: int, width: int) -> list[np.ndarray]:
-    """Class-id maps resized (nearest) to the processed image size, as int64 `(H, W)` arrays."""
+def prepare_segmentation_labels(
+    maps,
+    original_sizes,
+    height: int,
+    width: int,
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Class-id maps, relabelled by `reduce` when given (e.g. Segformer's `do_reduce_labels`), then resized
+    (nearest) to the processed image size, as int64 `(H, W)` arrays."""
     maps = maps if isinstance(maps, (list, tuple)) else [maps]
     if len(maps) != len(original_sizes):
         raise ValueError(f"got {len(maps)} segmentation maps for {len(original_sizes)} images")
@@ -41,6 +57,8 @@ def prepare_segmentation_labels(maps, original_sizes, height: int, width: int) -
             )
         if array.shape != tuple(size):
             raise ValueError(f"segmentation_maps[{index}] is {array.shape} but its image is {tuple(size)}")
+        if reduce is not None:
+            array = reduce(array)
         labels.append(resize_nearest(array, height, width).astype(np.int64))
     return labels
 

@@ -75,6 +75,18 @@ def plot_expert_usage(
     return _save(figure, path)
 
 
+def usage_data_text(usage: ExpertUsage, description: str | None = None) -> str:
+    """What a usage was computed on, for a heat-map title: `description` when the caller knows it (e.g. `"the
+    validation split"`), else what the usage records (`"calibration data (12,544 tokens)"`, `"the training EMA"`)."""
+    if description:
+        return description
+    if usage.source == "ema":
+        return "the training EMA"
+    if usage.source == "calibration":
+        return f"calibration data ({usage.tokens:,} tokens)" if usage.tokens else "calibration data"
+    return usage.source or "unrecorded data"
+
+
 def usage_matrix(usage: ExpertUsage) -> np.ndarray:
     """`(routers, max_experts)` fractions; NaN where a router has fewer experts than the widest one."""
     width = max(r.slot.num_experts for r in usage.routers)
@@ -148,4 +160,4 @@ def plot_router_usage(
     return _save(figure, path)
 
 
-__all__ = ["plot_expert_usage", "plot_router_usage", "usage_matrix"]
+__all__ = ["plot_expert_usage", "plot_router_usage", "usage_data_text", "usage_matrix"]

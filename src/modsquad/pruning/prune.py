@@ -99,8 +99,16 @@ def _pruned_config(
     }
     # The only task may route to every expert it kept: its routable limits are spent.
     task = {k: v for k, v in entry.items() if k not in ("routable_experts", "routable_attention_experts")}
-    # Top-level labels and names belong to the parent; the single-task config derives its own.
-    dropped = {"architectures", "auto_map", "id2label", "label2id", "problem_type", "_name_or_path"}
+    # Top-level labels, names and the served task belong to the parent; the single-task config derives its own.
+    dropped = {
+        "architectures",
+        "auto_map",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "head_task",
+        "_name_or_path",
+    }
     fields = {k: v for k, v in config.to_dict().items() if k not in dropped}
     fields.update(
         tasks=[task],
@@ -305,8 +313,8 @@ def compare_pruned_outputs(
     try:
         for pixels in pixel_batches(data, pruned.config, task):
             pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
-            expected = full(pixel_values=pixels, task=task, return_dict=True)
-            got = pruned(pixel_values=pixels, return_dict=True)
+            expected = full(pixel_values=pixels, task=task, output_router_logits=True, return_dict=True)
+            got = pruned(pixel_values=pixels, output_router_logits=True, return_dict=True)
             for key, value in expected.items():
                 if key in ROUTING_FIELDS:
                     continue

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from ..hub.model_card import DEFAULT_LICENSE, experts_kept_text, write_run_cards
+from ..hub.model_card import DEFAULT_LICENSE, experts_kept_text, save_example_image, write_run_cards
 from ..model.modeling_heads import task_head_class
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import EMA_USAGE_FILE, PRUNING_FILE, USAGE_FILE, USAGE_PLOT, RunFolder, weights_bytes
-from .heatmap import plot_router_usage
+from .heatmap import plot_router_usage, usage_data_text
 from .prune import (
     compare_pruned_outputs,
     kept_experts_per_router,
@@ -52,6 +53,14 @@ def _headline_metric(task_type: str, metrics: Mapping[str, float]) -> str | None
     """The task type's headline metric when it was computed, else the first metric."""
     headline = task_head_class(task_type).metrics[0]
     return headline if headline in metrics else next(iter(metrics), None)
+
+
+def first_image(dataset: Any, task_type: str, columns: Mapping[str, str] | None = None) -> Any | None:
+    """The image of the first row of a dataset in a task's Hub schema (None for an empty dataset)."""
+    from ..data.schemas import task_schema
+
+    batch = next(iter(dataset.iter(batch_size=1)), None)
+    return None if batch is None else task_schema(task_type, columns).images(batch)[0]
 
 
 def calibration_loader(
@@ -104,6 +113,7 @@ def prune_run(
     max_calibration_batches: int | None = None,
     min_experts: int | None = None,
     license: str = DEFAULT_LICENSE,
+    calibration_data: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Prunes every task of a run's multi-task model into `RUN/tasks/<task>/` and reports what it gained.
 
@@ -118,12 +128,15 @@ def prune_run(
             to every task when the run has the trainer's `expert_usage_ema.json`.
         usages (`Mapping[str, ExpertUsage]`, *optional*): usage to prune from instead of collecting it.
         validation_datasets (`Mapping[str, Any]`, *optional*): per task, a dataset in the task's Hub schema;
-            `evaluate_model` then scores the full and the pruned model on it.
+            `evaluate_model` then scores the full and the pruned model on it, and its first image becomes the
+            example of the cards' inference widget.
         evaluation_options (`Mapping[str, Mapping]`, *optional*): per task, extra `evaluate_model` arguments
             (`columns`, `max_samples`, `batch_size`, ...).
         max_calibration_batches (`int`, *optional*): use at most this many calibration batches per task.
         min_experts (`int`, *optional*): see [`prune_for_task`].
         license (`str`, *optional*, defaults to `"apache-2.0"`): license written on the cards.
+        calibration_data (`Mapping[str, str]`, *optional*): per task, what its calibration data is (e.g. `"the
+            first 128 training images"`), for the heat-maps' titles; by default told from the usage itself.
 
     Returns:
         `list[dict]`: one row per pruned task with `task`, `type`, `folder`, `experts_mlp` / `experts_attention`
@@ -176,7 +189,10 @@ def prune_run(
         raise ValueError(f"evaluating needs the image processor, but {run.model_dir} has no {PROCESSOR_FILE}")
 
     rows, collected = [], []
-    for name in names:
+    described = dict(calibration_data or {})
+    tasks_bar = tqdm(names, desc="prune", unit="task")
+    for name in tasks_bar:
+        tasks_bar.set_postfix(task=name)
         entry = config.get_task(name)
         model_class = task_head_class(entry["type"]).model_class
         before, load_before = _timed_load(model_class, run.model_dir, task=name)
@@ -201,7 +217,7 @@ def prune_run(
             usage,
             folder / USAGE_PLOT,
             kept=kept_experts_per_router(pruned.config),
-            title=f"{name}: experts kept",
+            title=f"{name}: experts kept, usage on {usage_data_text(usage, described.get(name))}",
         )
         after, load_after = _timed_load(model_class, folder)
 
@@ -227,6 +243,12 @@ def prune_run(
         }
         if name in validation_datasets:
             options = evaluation_options.get(name, {})
+            example = first_image(validation_datasets[name], entry["type"], options.get("columns"))
+            if example is not None:
+                # The cards' widget example: this task's own data, for the pruned model and (first task) the parent.
+                save_example_image(folder, example)
+                if name == config.task_names[0]:
+                    save_example_image(run.model_dir, example)
             row["metrics_before"] = _evaluate(before, processor, validation_datasets[name], options)
             row["metrics_after"] = _evaluate(after, processor, validation_datasets[name], options)
             row["metric"] = _headline_metric(entry["type"], row["metrics_before"])
@@ -243,9 +265,13 @@ def prune_run(
     known.update({u.task: u.to_dict() for u in collected})
     ordered = [known[t] for t in config.task_names if t in known]
     usage_path.write_text(json.dumps(ordered))
-    plot_router_usage(
-        [ExpertUsage.from_dict(u) for u in ordered], run.model_dir / USAGE_PLOT, title="expert usage"
+    usages = [ExpertUsage.from_dict(u) for u in ordered]
+    sources = {usage_data_text(u, described.get(u.task)) for u in usages}
+    # One description when every task's usage comes from the same kind of data, else each panel's own.
+    title = (
+        f"expert usage on {sources.pop()}" if len(sources) == 1 else "expert usage (per task: see its card)"
     )
+    plot_router_usage(usages, run.model_dir / USAGE_PLOT, title=title)
 
     table = {row["task"]: row for row in _read_rows(run.root / PRUNING_FILE)}
     table.update({row["task"]: row for row in rows})
@@ -286,4 +312,4 @@ def format_prune_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(text)
 
 
-__all__ = ["calibration_loader", "format_prune_table", "prune_run"]
+__all__ = ["calibration_loader", "first_image", "format_prune_table", "prune_run"]

@@ -259,7 +259,7 @@ def collect_expert_usage(
     try:
         for pixels in pixel_batches(dataset_or_loader, config, name):
             pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
-            output = backbone(pixels, task=name, return_dict=True)
+            output = backbone(pixels, task=name, output_router_logits=True, return_dict=True)
             for total, count in zip(totals, _count_selections(output.expert_indices, layout)):
                 total += count
             tokens += output.expert_indices[0].shape[0]
@@ -284,9 +284,11 @@ def run_ema_usage(run, config: ModSquadConfig) -> dict[str, ExpertUsage]:
 class ExpertUsageTracker:
     """Exponential moving average (and running count) of each task's expert usage, updated from training outputs.
 
-    `update(task, outputs.expert_indices)` after a task batch's forward; `usage(task)` gives an [`ExpertUsage`] that
-    [`prune_for_task`] accepts. The statistics are local to the process; `state_dict()` / `load_state_dict()` let the
-    trainer save them with its checkpoints (e.g. `accelerator.register_for_checkpointing(tracker)`).
+    `update(task, outputs.expert_indices)` after a task batch's forward (run with `output_router_logits=True`);
+    `usage(task)` gives an [`ExpertUsage`] that [`prune_for_task`] accepts. The statistics are local to the process;
+    `state_dict()` / `load_state_dict()` let the trainer save them with its checkpoints (e.g.
+    `loop_state.register("usage_tracker", tracker)` with a `training.checkpointing.CheckpointedState`: JSON and
+    safetensors, never a pickle).
 
     Args:
         config ([`ModSquadConfig`]): configuration of the model being trained.

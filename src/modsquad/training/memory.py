@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..model.modeling_multitask import ModSquadForMultiTask
@@ -101,13 +102,19 @@ def step_peak_memory(
     """
     from accelerate import Accelerator
 
+    from ..pruning.usage import router_layout
     from .step import MultiTaskStep, StreamingRoutingStatistics
     from .trainer import forward_backward
 
     accelerator = Accelerator(cpu=True)
-    step = MultiTaskStep(
-        model, routing_estimate=StreamingRoutingStatistics(model.config.num_tasks, horizon)
-    ).train()
+    estimate = StreamingRoutingStatistics(model.config.num_tasks, horizon)
+    # The estimate's running sums live across steps, as the optimizer state does: allocate them before the
+    # measured region, so that the step's bytes are its own (activations, temporaries, gradients).
+    estimate.sums = [
+        torch.zeros(model.config.num_tasks, slot.num_experts, device=model.device)
+        for slot in router_layout(model.config)
+    ]
+    step = MultiTaskStep(model, routing_estimate=estimate).train()
     model.zero_grad(set_to_none=True)
 
     def run() -> None:

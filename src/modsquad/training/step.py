@@ -35,8 +35,8 @@ class RoutingStatistics:
 
     The mutual-information loss is a function of this joint distribution, so it is only meaningful once several
     tasks have been seen: with a single task it is identically zero. The training loop calls `reset()` at the start
-    of each step, `update(task_id, outputs.router_probs)` after each task batch's forward, `all_reduce()` when
-    several processes train together, then adds `config.mi_loss_coef * stats.mutual_information_loss()` to the
+    of each step, `update(task_id, outputs.router_probs)` after each task batch's forward (run with
+    `output_router_logits=True`), `all_reduce()` when several processes train together, then adds `config.mi_loss_coef * stats.mutual_information_loss()` to the
     loss before the step's backward. Gradients flow into every batch's router probabilities that took part.
 
     Args:
@@ -64,6 +64,8 @@ class RoutingStatistics:
             raise ValueError(f"task_id={task_id} is out of range for {self.num_tasks} tasks")
         if self._reduced:
             raise RuntimeError("RoutingStatistics were already all-reduced for this step; call reset() first")
+        if router_probs is None:
+            raise ValueError("router_probs is None: run the model with output_router_logits=True to get them")
         if not router_probs:
             raise ValueError("router_probs is empty: the model has no MoE blocks to take statistics from")
         sums = [p.float().sum(dim=0) for p in router_probs]
@@ -335,6 +337,32 @@ def all_reduce_observations(
     return reduced, total[offset:].tolist()
 
 
+def global_loss_scales(counts: torch.Tensor, world_size: int) -> torch.Tensor:
+    r"""
+    Factors that turn per-process task losses into shares of the loss of the global batch.
+
+    A head's loss is an average over what its batch holds (images, labelled pixels, boxes: its `loss_count`), so on
+    each process it is normalised by the *local* count, and DDP's gradient averaging then weighs a process with few
+    boxes or labelled pixels like one with many: a two-process run would not equal one process on the same global
+    batch. Multiplying each micro-batch's loss by `max(local count, 1) * world_size / max(global count, 1)` makes the
+    averaged gradient exactly that of the global batch's loss. One process: all ones, no communication.
+
+    Args:
+        counts (`torch.Tensor` of shape `(num_micro_batches,)`): this process's `loss_count` of each micro-batch of
+            the forward (the same micro-batch layout on every process: the mixer draws the same tasks everywhere).
+        world_size (`int`): data-parallel processes.
+
+    Returns:
+        `torch.Tensor` of shape `(num_micro_batches,)`.
+    """
+    counts = counts.float()
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.ones_like(counts)
+    total = counts.clone()
+    dist.all_reduce(total)
+    return counts.clamp_min(1.0) * world_size / total.clamp_min(1.0)
+
+
 class TaskLossWeighting(nn.Module):
     r"""
     Per-task loss weights: fixed, or learned homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, 2018).
@@ -390,7 +418,9 @@ class MultiTaskStepOutput(ModelOutput):
         weighted_loss (`torch.FloatTensor`): detached weighted task losses + auxiliary losses: the step's loss
             without its mutual-information term (what to log next to `mi_loss_coef * mi_loss`).
         task_losses (`torch.FloatTensor` of shape `(num_tasks,)`): detached sum of each task's losses (task loss
-            without the auxiliary loss) over its micro-batches of this forward.
+            without the auxiliary loss) over its micro-batches of this forward; under several processes each is this
+            process's share of the global batch's loss (see [`global_loss_scales`]), so their mean over processes is
+            the global loss.
         task_counts (`torch.FloatTensor` of shape `(num_tasks,)`): micro-batches of each task in this forward.
         aux_loss (`torch.FloatTensor`): detached sum of the per-batch auxiliary router losses.
         mi_loss (`torch.FloatTensor`): detached `-I(T;E)`, summed over routers, over every process: of this forward's
@@ -494,11 +524,22 @@ class MultiTaskStep(nn.Module):
         expert_counts: list[torch.Tensor] | None = None
         observations: list[tuple[int, list[torch.Tensor], float]] = []
         for task, batch in micro_batches:
-            task_id = config.task_index(task)
             if "pixel_values" not in batch or "labels" not in batch:
                 raise ValueError(
                     f"task {task!r}: a batch needs 'pixel_values' and 'labels', got keys {sorted(batch)}"
                 )
+        scales = global_loss_scales(
+            torch.stack(
+                [
+                    self.model.heads[config.task_names[config.task_index(task)]].loss_count(batch["labels"])
+                    for task, batch in micro_batches
+                ]
+            ).to(device),
+            self.world_size,
+        )
+        for (task, batch), scale in zip(micro_batches, scales):
+            task_id = config.task_index(task)
+            # The routing tensors (and the aux loss inside `loss`) are asked for explicitly: they are off by default.
             out = self.model(
                 pixel_values=batch["pixel_values"],
                 task=task_id,
@@ -506,8 +547,9 @@ class MultiTaskStep(nn.Module):
                 output_router_logits=True,
             )
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
-            # The head's loss already includes the batch's aux loss; weight only the task part.
-            task_loss = out.loss - aux
+            # The head's loss already includes the batch's aux loss; weight only the task part, normalised over
+            # the global batch (see `global_loss_scales`).
+            task_loss = (out.loss - aux) * scale
             total = total + self.weighting(task_id, task_loss) + aux
             task_losses[task_id] += task_loss.detach().float()
             task_counts[task_id] += 1
@@ -580,5 +622,6 @@ __all__ = [
     "StreamingRoutingStatistics",
     "TaskLossWeighting",
     "all_reduce_observations",
+    "global_loss_scales",
     "merge_step_outputs",
 ]

@@ -8,18 +8,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
+import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ..data.adapter import TaskDataAdapter
-from ..data.batching import AdaptedDataset
+from ..data.batching import AdaptedDataset, AdaptedStreamRows
 from ..data.demo import demo_task_configs, make_demo_datasets
 from ..data.loading import load_task_dataset
 from ..data.mixing import epoch_seed
+from ..locations import check_path_or_repo_id
 from ..model.configuration_modsquad import LABELLED_TASK_TYPES, TASK_TYPES, ModSquadConfig
 from ..model.image_processing_modsquad import ModSquadImageProcessor
 from ..model.modeling_multitask import ModSquadForMultiTask
 from .recipe import TaskRecipe, TrainingRecipe
+from .starting_point import StartingPoint, resolve_starting_point
 
 
 @dataclass
@@ -29,10 +33,11 @@ class TaskData:
 
     Args:
         name (`str`): task name (as in the model config).
-        train_dataset: map-style training dataset.
-        make_loader (`Callable`): `(rows, epoch) -> iterable of batches` over the rows `rows` of `train_dataset`, in
-            that order (a non-shuffling DataLoader of `batch_size` that keeps every row; see [`TaskStream`]).
-            Batches are dicts with `pixel_values` and `labels`.
+        train_dataset: map-style training dataset, or a streamed one (`datasets.IterableDataset`).
+        make_loader (`Callable`): `(rows, epoch) -> iterable of batches`. Map-style: over the row indices `rows` of
+            `train_dataset`, in that order (a non-shuffling DataLoader of `batch_size` that keeps every row; see
+            [`TaskStream`]). Streamed: over the `(key, undecoded row)` pairs `rows` yields, full batches only (see
+            [`StreamingTaskStream`]). Batches are dicts with `pixel_values` and `labels`.
         batch_size (`int`): training batch size per process.
         eval_dataset (*optional*): evaluation dataset in its Hub schema (what `evaluate_model` reads).
         processor (*optional*): the image processor that evaluation uses for this task.
@@ -43,6 +48,7 @@ class TaskData:
         max_eval_samples (`int`, *optional*): evaluate on the first rows only.
         loss_weight (`float`, *optional*, defaults to 1.0): fixed task weight.
         config_entry (`dict`, *optional*): the task's entry of `ModSquadConfig.tasks` (to build a model from).
+        num_train_rows (`int`, *optional*): rows of one epoch of a streamed `train_dataset` (unknown: endless).
     """
 
     name: str
@@ -57,6 +63,12 @@ class TaskData:
     max_eval_samples: int | None = None
     loss_weight: float = 1.0
     config_entry: dict[str, Any] | None = None
+    num_train_rows: int | None = None
+
+    @property
+    def is_streamed(self) -> bool:
+        """Whether the training data is a stream (`datasets.IterableDataset`)."""
+        return is_stream(self.train_dataset)
 
     def evaluation_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `evaluate_model` for this task's evaluation data (besides model, processor
@@ -115,8 +127,28 @@ def load_task_splits(task: TaskRecipe, demo_cache: dict | None = None) -> tuple[
             )
         evaluation = splits[task.eval_split]
     if task.max_train_samples is not None:
-        train = train.select(range(min(task.max_train_samples, len(train))))
+        if is_stream(train):
+            train = train.take(task.max_train_samples)
+        else:
+            train = train.select(range(min(task.max_train_samples, len(train))))
     return train, evaluation
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether `dataset` is a streamed `datasets.IterableDataset` (read as it goes, length unknown)."""
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def stream_rows(task: TaskRecipe, train: Any) -> int | None:
+    """Rows of one epoch of a streamed training split: the recipe's `num_train_rows`, else `max_train_samples`, else
+    the split size the dataset's metadata records (Hub datasets), else `None` (endless; measured in steps)."""
+    if task.num_train_rows is not None:
+        return task.num_train_rows
+    if task.max_train_samples is not None:
+        return task.max_train_samples
+    splits = getattr(getattr(train, "info", None), "splits", None) or {}
+    split = splits.get(task.train_split)
+    return getattr(split, "num_examples", None) or None
 
 
 def task_entry(task: TaskRecipe, train_dataset: Any) -> dict[str, Any]:
@@ -164,14 +196,41 @@ def class_names(dataset: Any, task_type: str, columns: dict[str, str] | None = N
 
 
 def make_train_loader(
-    dataset: Any, adapter: TaskDataAdapter, batch_size: int, num_workers: int, seed: int, task_index: int
+    dataset: Any,
+    adapter: TaskDataAdapter,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    task_index: int,
+    skip_bad_rows: bool = False,
 ):
-    """The `make_loader(rows, epoch)` of a [`TaskStream`]: a DataLoader over the adapted rows `rows`, in order.
+    """The `make_loader(rows, epoch)` of a [`TaskStream`] (map-style `dataset`) or a [`StreamingTaskStream`]
+    (streamed `dataset`): a DataLoader over the adapted rows `rows`, in order.
 
     Each row's augmentation is seeded by `(epoch seed, row index)` (what `AdaptedDataset` does with a `(row, seed)`
-    key), never by its position in the loader, so a run resumed mid-epoch augments exactly as the uninterrupted one.
+    key) or, for a stream, by `(epoch seed, process, position in its pass)`, never by its position in the loader, so
+    a run resumed mid-epoch augments exactly as the uninterrupted one. A stream's rows are read in the main process
+    and decoded and augmented in the workers. With `skip_bad_rows`, a row of a map-style dataset that cannot be used
+    is replaced by the next good one and reported in the batch's `skipped_rows` (the trainer counts them against
+    `training.max_bad_rows`).
     """
-    adapted = AdaptedDataset(dataset, adapter)
+    if is_stream(dataset):
+        stream_rows_adapted = AdaptedStreamRows(dataset.features, adapter)
+
+        def make_stream_loader(rows: Iterable, epoch: int) -> Iterable:
+            seed_of_epoch = epoch_seed(seed, task_index, epoch)
+            return DataLoader(
+                stream_rows_adapted,
+                batch_size=batch_size,
+                sampler=((row, seed_of_epoch, key) for key, row in rows),
+                collate_fn=adapter.collate,
+                num_workers=num_workers,
+                drop_last=True,  # a pass's last, partial batch is dropped: every step's batches are full
+            )
+
+        return make_stream_loader
+
+    adapted = AdaptedDataset(dataset, adapter, skip_bad_rows=skip_bad_rows)
 
     def make_loader(rows: list[int], epoch: int) -> Iterable:
         seed_of_epoch = epoch_seed(seed, task_index, epoch)
@@ -187,20 +246,29 @@ def make_train_loader(
     return make_loader
 
 
-def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tuple[list[TaskData], Any]:
+def build_task_data(
+    recipe: TrainingRecipe, processor: Any | None = None, start: StartingPoint | None = None
+) -> tuple[list[TaskData], Any]:
     """Loads every task of `recipe` and returns its [`TaskData`] (with the model task entry in `config_entry`) and the
-    image processor to save with the model (at the largest task resolution, unless one is given)."""
+    image processor to save with the model (at the largest task resolution, unless one is given).
+
+    The processors take their settings (mean, std, resampling) and the default resolution from the checkpoint the
+    model starts from (`start`, read from the recipe when not given, before any data is loaded)."""
+    start = start if start is not None else resolve_starting_point(recipe)
     demo_cache: dict = {}
     tasks = []
     for index, task in enumerate(recipe.tasks):
         train, evaluation = load_task_splits(task, demo_cache)
         entry = task_entry(task, train)
-        task_processor = ModSquadImageProcessor(size={"height": task.image_size, "width": task.image_size})
+        size = start.image_size(task)
+        task_processor = ModSquadImageProcessor(
+            size={"height": size, "width": size}, **start.processor_settings
+        )
         adapter = TaskDataAdapter(
             entry,
             task_processor,
             train=True,
-            image_size=task.image_size,
+            image_size=size,
             columns=task.columns,
             augment=task.augment,
             schema_options=task.schema,
@@ -210,7 +278,13 @@ def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tup
                 name=task.name,
                 train_dataset=train,
                 make_loader=make_train_loader(
-                    train, adapter, task.batch_size, recipe.training.num_workers, recipe.seed, index
+                    train,
+                    adapter,
+                    task.batch_size,
+                    recipe.training.num_workers,
+                    recipe.seed,
+                    index,
+                    skip_bad_rows=recipe.training.max_bad_rows > 0,
                 ),
                 batch_size=task.batch_size,
                 eval_dataset=evaluation,
@@ -221,18 +295,23 @@ def build_task_data(recipe: TrainingRecipe, processor: Any | None = None) -> tup
                 max_eval_samples=task.max_eval_samples,
                 loss_weight=task.loss_weight,
                 config_entry=entry,
+                num_train_rows=stream_rows(task, train) if is_stream(train) else None,
             )
         )
     if processor is None:
-        size = max(task.image_size for task in recipe.tasks)
-        processor = ModSquadImageProcessor(size={"height": size, "width": size})
+        size = max(start.image_size(task) for task in recipe.tasks)
+        processor = ModSquadImageProcessor(size={"height": size, "width": size}, **start.processor_settings)
     return tasks, processor
 
 
-def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMultiTask:
-    """A new [`ModSquadForMultiTask`] from `recipe.model.config` over the tasks' entries, or the pretrained one.
+def build_model(
+    recipe: TrainingRecipe, tasks: list[TaskData], start: StartingPoint | None = None
+) -> ModSquadForMultiTask:
+    """The [`ModSquadForMultiTask`] to train over the tasks' entries: new from `recipe.model.config`, loaded from a
+    ModSquad `recipe.model.pretrained`, or upcycled from a dense one (see [`StartingPoint`]).
 
     Seeds with `recipe.seed` first, so that every process of a run builds the same initial weights."""
+    start = start if start is not None else resolve_starting_point(recipe)
     set_seed(recipe.seed)
     entries = [task.config_entry for task in tasks]
     if any(entry is None for entry in entries):
@@ -240,21 +319,52 @@ def build_model(recipe: TrainingRecipe, tasks: list[TaskData]) -> ModSquadForMul
     options = {}
     if recipe.model.experts_implementation is not None:
         options["experts_implementation"] = recipe.model.experts_implementation
+    if start.is_dense:
+        return _upcycled_model(recipe, entries)
     if recipe.model.pretrained:
-        model = ModSquadForMultiTask.from_pretrained(recipe.model.pretrained, **options)
+        pretrained = check_path_or_repo_id(recipe.model.pretrained, "model.pretrained")
+        model = ModSquadForMultiTask.from_pretrained(pretrained, **options)
         if model.config.task_names != [e["name"] for e in entries]:
             raise ValueError(
                 f"the pretrained model has tasks {model.config.task_names}, the recipe {[e['name'] for e in entries]}"
             )
+        _check_task_resolutions(recipe, model.config.patch_size)
         return model
     fields = dict(recipe.model.config)
-    if "tasks" in fields:
-        raise ValueError("model.config.tasks comes from the recipe's `tasks`; remove it from model.config")
-    fields.setdefault("image_size", max(task.image_size for task in recipe.tasks))
-    model = ModSquadForMultiTask(ModSquadConfig(tasks=entries, **fields))
+    fields.setdefault("image_size", max(start.image_size(task) for task in recipe.tasks))
+    config = ModSquadConfig(tasks=entries, **fields)
+    _check_task_resolutions(recipe, config.patch_size)
+    model = ModSquadForMultiTask(config)
     if recipe.model.experts_implementation is not None:
         model.set_experts_implementation(recipe.model.experts_implementation)
     return model
+
+
+def _upcycled_model(recipe: TrainingRecipe, entries: list[dict[str, Any]]) -> ModSquadForMultiTask:
+    """[`ModSquadForMultiTask.from_dense`] of the recipe's dense `model.pretrained`, with `model.config`'s MoE fields
+    and `model.upcycling`'s options, in float32 (mixed precision is the loop's business)."""
+    options = recipe.model.upcycling
+    model = ModSquadForMultiTask.from_dense(
+        recipe.model.pretrained,
+        router_init_std=options.get("router_init_std"),
+        dense_kwargs={"dtype": torch.float32},
+        upcycling_mode=options.get("mode", "copy"),
+        tasks=entries,
+        **recipe.model.config,
+    )
+    if recipe.model.experts_implementation is not None:
+        model.set_experts_implementation(recipe.model.experts_implementation)
+    return model
+
+
+def _check_task_resolutions(recipe: TrainingRecipe, patch_size: int) -> None:
+    """Every task's resolution must be whole patches: the patch embedding would silently drop the remainder."""
+    for task in recipe.tasks:
+        if task.image_size is not None and task.image_size % patch_size:
+            raise ValueError(
+                f"tasks.{task.name}.image_size={task.image_size} is not a multiple of the model's patch_size="
+                f"{patch_size}; use e.g. {max(patch_size, round(task.image_size / patch_size) * patch_size)}"
+            )
 
 
 __all__ = [
@@ -262,7 +372,9 @@ __all__ = [
     "build_model",
     "build_task_data",
     "class_names",
+    "is_stream",
     "load_task_splits",
     "make_train_loader",
+    "stream_rows",
     "task_entry",
 ]

@@ -9,6 +9,10 @@ micro-step (accumulation adds independent micro-steps); with the streaming one (
 streaming`) it spans recent steps, and `training.one_task_at_a_time` runs one forward and backward per task
 micro-batch instead (DDP reduces gradients in the last backward of the optimizer step only).
 
+After the first steps the loop prints how long training has left; with a time budget (`training.max_minutes`,
+`--max-minutes`) it fits the learning-rate schedule to the steps that fit and stops at the budget, decided on the
+main process and shared in the per-step all-reduce (see `budget.py`).
+
 Run it with `modsquad train --config recipe.yaml` or `accelerate launch training/train.py --config recipe.yaml`.
 """
 
@@ -19,7 +23,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    gather_object,
     is_npu_available,
     is_xpu_available,
     send_to_device,
@@ -38,7 +45,8 @@ from accelerate.utils import (
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ..data.mixing import MultiTaskMixer, TaskStream
+from ..data.batching import BadRowError
+from ..data.mixing import MultiTaskMixer, StreamingTaskStream, TaskStream
 from ..model.modeling_multitask import ModSquadForMultiTask
 from ..run_folder import (
     EMA_USAGE_FILE,
@@ -50,13 +58,19 @@ from ..run_folder import (
     REPLICA_DIGESTS_FILE,
     TRAINING_LOG,
 )
+from .budget import ESTIMATE_AFTER_STEPS, StepClock, TimeEstimate
 from .checkpointing import (
-    COMPLETE_MARKER,
+    CheckpointedState,
     StopOnSignal,
+    check_run_folder,
     checkpoint_path,
+    clear_run,
+    load_checkpoint,
     prune_checkpoints,
-    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
 )
+from .param_groups import group_learning_rates, learning_rate_groups
 from .recipe import TrainingRecipe
 from .step import (
     MultiTaskStep,
@@ -66,10 +80,7 @@ from .step import (
     merge_step_outputs,
 )
 from .task_data import TaskData
-from .tracking import CSVTracker
-
-# Parameters that weight decay should leave alone: biases, norms, learned tokens and embeddings, loss log-variances.
-NO_DECAY = ("bias", "norm", "cls_token", "task_tokens", "position_embeddings", "log_vars")
+from .tracking import CSVTracker, trackers_to_log_with
 
 
 @dataclass
@@ -80,7 +91,7 @@ class TrainResult:
     Args:
         output_dir (`Path`): the run folder.
         step (`int`): optimizer steps done.
-        max_steps (`int`): optimizer steps planned.
+        max_steps (`int`): optimizer steps planned (the recipe's).
         interrupted (`int`, *optional*): the signal that stopped the run early (a checkpoint was saved).
         metrics (`dict[str, dict[str, float]]`): last evaluation, per task.
         history (`list[dict]`): the training-log lines written by this process's run (main process).
@@ -89,6 +100,8 @@ class TrainResult:
         model ([`ModSquadForMultiTask`], *optional*): the trained model (unwrapped), on this process.
         replica_digests (`list[str]`): SHA-256 of every process's parameters after training (all equal when the
             replicas stayed in sync; one entry for a single process).
+        out_of_time (`bool`): training ended before `max_steps` at the `training.max_minutes` budget; the run
+            was finished as usual (evaluation, final model) after `step` steps.
     """
 
     output_dir: Path
@@ -101,6 +114,12 @@ class TrainResult:
     checkpoint: Path | None = None
     model: ModSquadForMultiTask | None = None
     replica_digests: list[str] = field(default_factory=list)
+    out_of_time: bool = False
+
+
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite (outside fp16's skipped steps); the message names the step, the task
+    losses and the last checkpoint."""
 
 
 class TrainerState:
@@ -114,6 +133,9 @@ class TrainerState:
         self.num_tasks = num_tasks
         self.usage_ema: list[torch.Tensor] | None = None  # per router: (num_tasks, num_experts)
         self.usage_seen = torch.zeros(num_tasks, dtype=torch.bool)
+        self.bad_rows: dict[
+            str, int
+        ] = {}  # per task: training rows skipped on this process (see `note_bad_rows`)
 
     def update_usage(self, counts: list[torch.Tensor]) -> None:
         if self.usage_ema is None:
@@ -131,12 +153,38 @@ class TrainerState:
         self.usage_seen |= torch.stack([c.sum(dim=1) > 0 for c in counts]).any(dim=0).cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "usage_ema": self.usage_ema, "usage_seen": self.usage_seen}
+        return {
+            "step": self.step,
+            "usage_ema": self.usage_ema,
+            "usage_seen": self.usage_seen,
+            "bad_rows": dict(self.bad_rows),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.usage_ema = state["usage_ema"]
         self.usage_seen = state["usage_seen"]
+        self.bad_rows = dict(state.get("bad_rows", {}))
+
+    def note_bad_rows(
+        self, micro_batches: list[tuple[str, dict]], max_bad_rows: int, process: str = ""
+    ) -> None:
+        """Takes the `skipped_rows` the loaders reported out of the step's batches, warns about each (naming the
+        task, the row and why) and raises once a task has skipped more than `max_bad_rows` rows."""
+        for task, batch in micro_batches:
+            skipped = batch.pop("skipped_rows", None) if isinstance(batch, dict) else None
+            for _, reason in skipped or ():
+                self.bad_rows[task] = self.bad_rows.get(task, 0) + 1
+                print(
+                    f"warning{process}: skipped a bad training row ({reason}); replaced by the next good row",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if self.bad_rows[task] > max_bad_rows:
+                    raise BadRowError(
+                        f"task {task!r} has skipped {self.bad_rows[task]} bad training rows, more than "
+                        f"training.max_bad_rows={max_bad_rows}; the last: {reason}"
+                    )
 
 
 class StepSums:
@@ -163,12 +211,26 @@ class StepSums:
         )  # fmt: skip
         self.sums = flat if self.sums is None else self.sums + flat
 
-    def reduce(self, accelerator: Accelerator, stop_requested: bool) -> tuple[bool, dict[str, Any]]:
+    def reduce(
+        self,
+        accelerator: Accelerator,
+        stop_requested: bool,
+        out_of_time: bool = False,
+        planned_steps: int = 0,
+    ) -> tuple[bool, dict[str, Any]]:
         """Sums over processes. Returns whether any process asked to stop, and the step's mean `loss`, `aux_loss`,
-        `mi_loss`, per-task mean `task_losses` (`None` for tasks absent from the step) and expert-usage counts."""
-        flag = torch.tensor([1.0 if stop_requested else 0.0], device=self.sums.device)
-        totals = accelerator.reduce(torch.cat([flag, self.sums]), reduction="sum").cpu()
-        stop, totals = bool(totals[0] > 0), totals[1:]
+        `mi_loss`, per-task mean `task_losses` (`None` for tasks absent from the step) and expert-usage counts.
+
+        The time budget's decisions are the main process's alone (the other processes pass `False` and 0), shared
+        through the same sum: `out_of_time` (stop after this step) and `planned_steps` (0: no new plan)."""
+        flags = [1.0 if stop_requested else 0.0, 1.0 if out_of_time else 0.0, float(planned_steps)]
+        flags = torch.tensor(flags, device=self.sums.device)
+        totals = accelerator.reduce(torch.cat([flags, self.sums]), reduction="sum").cpu()
+        stop, budget = (
+            bool(totals[0] > 0),
+            {"out_of_time": bool(totals[1] > 0), "planned_steps": int(totals[2])},
+        )
+        totals = totals[3:]
         t = self.num_tasks
         losses, counts = totals[3 : 3 + t], totals[3 + t : 3 + 2 * t]
         usage, offset = [], 3 + 2 * t
@@ -183,36 +245,79 @@ class StepSums:
             "mi_loss": totals[2].item() / n,
             "task_losses": [(loss / c).item() if c > 0 else None for loss, c in zip(losses, counts)],
             "usage": usage,
+            **budget,
         }
 
 
 # ----------------------------------------------------------------------------------------------- building blocks
+class WarmupCosineSchedule(LambdaLR):
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`.
+
+    [`fit`] moves the end of the cosine while training (a time budget that holds fewer steps). The plan is not part
+    of the saved state: a resumed run plans from its own recipe and budget.
+    """
+
+    _PLAN = ("warmup_steps", "total_steps", "min_lr_ratio")
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    ):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def fit(self, total_steps: int) -> None:
+        """Ends the cosine at `total_steps` instead, from the current step on. The warm-up is kept (changing it
+        would make the learning rate jump), so the end never moves into it."""
+        self.total_steps = max(total_steps, self.warmup_steps + 1)
+        # Re-evaluate the current learning rate under the new plan (a no-op while warming up).
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for key in self._PLAN:
+            state.pop(key, None)
+        return state
+
+
 def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
-) -> LambdaLR:
-    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
+) -> WarmupCosineSchedule:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`
+    (a [`WarmupCosineSchedule`])."""
+    return WarmupCosineSchedule(optimizer, warmup_steps, total_steps, min_lr_ratio)
 
 
 def build_optimizer(
-    module: torch.nn.Module, learning_rate: float, weight_decay: float, betas
+    module: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas,
+    backbone_learning_rate: float | None = None,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices (experts, projections, routers), none on `NO_DECAY` names."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        lowered = name.lower()
-        (no_decay if param.ndim <= 1 or any(key in lowered for key in NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over `learning_rate_groups`: weight decay on matrices (experts, projections, routers), none on
+    `NO_DECAY` names; with `backbone_learning_rate` / `layer_decay`, a lower (layer-decayed) learning rate for the
+    pretrained backbone than for the new heads, routers and task tokens. Each group's `name` says which it is."""
+    groups = learning_rate_groups(module, learning_rate, weight_decay, backbone_learning_rate, layer_decay)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas))
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One line per named learning-rate group: its name, peak learning rate and parameter count."""
+    counts: dict[str, list] = {}
+    for group in optimizer.param_groups:
+        entry = counts.setdefault(group["name"], [group["lr"], 0])
+        entry[1] += sum(p.numel() for p in group["params"])
+    return [f"  {name}: lr {lr:.3g}, {count:,} parameters" for name, (lr, count) in counts.items()]
 
 
 def use_cpu(requested: bool) -> bool:
@@ -225,8 +330,22 @@ def use_cpu(requested: bool) -> bool:
     return launched and not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
 
 
-def resolve_mixed_precision(requested: str, cpu: bool) -> str:
-    """`"auto"` -> bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU; explicit choices pass through."""
+# Where `accelerate launch` (its flags, or the `accelerate config` file it reads) leaves its settings for the script.
+LAUNCHER_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
+LAUNCHER_GRADIENT_ACCUMULATION = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+
+
+def resolve_mixed_precision(requested: str | None, cpu: bool) -> str | None:
+    """The `mixed_precision` to hand to `Accelerator`.
+
+    A recipe's explicit choice wins; `"auto"` is bf16 on GPUs that support it, fp16 on other GPUs, `"no"` on CPU.
+    Unset (`None`): under a launcher, `None`, so that Accelerate applies the launcher's setting
+    (`accelerate launch --mixed_precision bf16` or the `accelerate config` file); without one, `"auto"`.
+    """
+    if requested is None:
+        if os.environ.get(LAUNCHER_MIXED_PRECISION):
+            return None
+        requested = "auto"
     if requested != "auto":
         return requested
     if cpu or not torch.cuda.is_available():
@@ -234,22 +353,70 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def resolve_gradient_accumulation(requested: int | None) -> int:
+    """The recipe's micro-steps per optimizer step when it sets them, else the launcher's
+    (`accelerate launch --gradient_accumulation_steps N`), else 1."""
+    if requested is not None:
+        return requested
+    value = os.environ.get(LAUNCHER_GRADIENT_ACCUMULATION, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{LAUNCHER_GRADIENT_ACCUMULATION}={value!r} must be a positive int")
+    return int(value)
+
+
+def build_accelerator(recipe: TrainingRecipe, model: ModSquadForMultiTask | None = None) -> Accelerator:
+    """The run's `Accelerator`. Settings the recipe leaves unset (mixed precision, gradient accumulation, the
+    device) are Accelerate's own: what `accelerate launch` flags or `accelerate config` say. `model` (the model to
+    train) decides DDP's `find_unused_parameters` when the recipe leaves it unset."""
+    loop = recipe.training
+    output_dir = Path(recipe.output_dir)
+    cpu = use_cpu(loop.cpu)
+    find_unused = loop.find_unused_parameters
+    if find_unused is None:
+        # Sampling strategies may leave a task, hence its head, out of a step; one task graph at a time leaves every
+        # other head out of each forward; and when every head is a dense one that reads intermediate blocks only,
+        # the backbone's final norm is never used: let DDP skip them.
+        final_norm_unused = model is not None and not any(
+            not head.hidden_state_indices or model.config.num_hidden_layers - 1 in model.config.feature_layers
+            for head in model.heads.values()
+        )
+        find_unused = recipe.mixing.strategy != "simt" or loop.one_task_at_a_time or final_norm_unused
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_mixed_precision(loop.mixed_precision, cpu),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=resolve_gradient_accumulation(loop.gradient_accumulation_steps),
+            sync_with_dataloader=False,
+        ),
+        log_with=trackers_to_log_with(loop.tracker),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+
+
 def build_mixer(
     recipe: TrainingRecipe, tasks: list[TaskData], num_processes: int, process_index: int
 ) -> MultiTaskMixer:
-    """One sharded [`TaskStream`] per task, mixed by the recipe's strategy."""
-    streams = {
-        task.name: TaskStream(
-            len(task.train_dataset),
-            task.batch_size,
-            task.make_loader,
-            seed=recipe.seed,
-            task_index=index,
-            num_replicas=num_processes,
-            rank=process_index,
-        )
-        for index, task in enumerate(tasks)
-    }
+    """One sharded [`TaskStream`] per task ([`StreamingTaskStream`] for streamed data), mixed by the recipe's
+    strategy."""
+    sharding = {"seed": recipe.seed, "num_replicas": num_processes, "rank": process_index}
+    streams: dict[str, TaskStream | StreamingTaskStream] = {}
+    for index, task in enumerate(tasks):
+        if task.is_streamed:
+            streams[task.name] = StreamingTaskStream(
+                task.train_dataset,
+                task.batch_size,
+                task.make_loader,
+                num_rows=task.num_train_rows,
+                task_index=index,
+                **sharding,
+            )
+        else:
+            streams[task.name] = TaskStream(
+                len(task.train_dataset), task.batch_size, task.make_loader, task_index=index, **sharding
+            )
     return MultiTaskMixer(
         streams,
         strategy=recipe.mixing.strategy,
@@ -257,6 +424,18 @@ def build_mixer(
         tasks_per_step=recipe.mixing.tasks_per_step,
         seed=recipe.seed,
     )
+
+
+def steps_for_epochs(mixer: MultiTaskMixer, num_epochs: float, accumulation: int) -> int:
+    """Optimizer steps of `num_epochs` mixer epochs; a ValueError when a streamed task has no length to count
+    epochs by."""
+    if mixer.steps_per_epoch is None:
+        endless = [name for name, s in mixer.streams.items() if s.batches_per_epoch is None]
+        raise ValueError(
+            f"the streamed tasks {endless} have no known number of rows, so epochs cannot be counted: set "
+            "training.max_steps, or declare each one's rows (tasks.<name>.num_train_rows)"
+        )
+    return max(1, math.ceil(num_epochs * mixer.steps_per_epoch / accumulation))
 
 
 def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerator: Accelerator) -> dict:
@@ -327,11 +506,13 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# Tensors of the replica check's all-gather, kept for the life of the process. gloo's worker threads hold the last
-# collectives they ran until the process group is torn down; if those still point at tensors Python has dropped,
-# freeing them there needs the GIL, which the tearing-down main thread holds: a deadlock that now and then hung a
-# finished multi-process run. Tensors Python still references are freed without the GIL.
-_GATHER_BUFFERS: list[torch.Tensor] = []
+# The data-parallel wrappers of this process's runs, never freed. Freeing one frees its reducer and with it the gloo
+# process group, whose destructor joins gloo's worker threads while holding the GIL; a worker still destroying the
+# last collectives (their tensors came from Python, so releasing them needs the GIL) then waits for it forever: a
+# finished multi-process run hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in
+# `~AsyncAllgatherWork`). Kept alive, the group is never torn down: the command line ends such a process with
+# `os._exit` once everything is written (`modsquad.cli.exit_process`).
+_LIVE_WRAPPERS: list[torch.nn.Module] = []
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -342,8 +523,37 @@ def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) 
     local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
     gathered = [torch.empty_like(local) for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather(gathered, local)
-    _GATHER_BUFFERS.extend([local, *gathered])
     return [bytes(tensor.cpu().tolist()).hex() for tensor in gathered]
+
+
+def next_micro_batches(
+    accelerator: Accelerator, mixer: MultiTaskMixer, state: TrainerState, max_bad_rows: int, process_tag: str
+) -> list[tuple[str, dict]]:
+    """The next step's micro-batches, with their skipped rows counted (see [`TrainerState.note_bad_rows`]).
+
+    Bad data stops one process only (its shard holds the bad rows), and the others would then wait for it in the
+    step's collectives until the process group times out. With several processes, every process says whether its
+    data failed (one small all-reduce) and all stop together: the failing one with its error, the others naming it.
+    """
+    error: Exception | None = None
+    batches: list[tuple[str, dict]] = []
+    try:
+        batches = mixer.next_step()
+        state.note_bad_rows(batches, max_bad_rows, process_tag)
+    except (ValueError, OSError) as exc:  # BadRowError and the loaders' own checks
+        error = exc
+    if accelerator.num_processes > 1:
+        flags = torch.zeros(accelerator.num_processes, device=accelerator.device)
+        flags[accelerator.process_index] = 1.0 if error is not None else 0.0
+        failed = accelerator.reduce(flags, reduction="sum").cpu()
+        if error is None and bool(failed.any()):
+            ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+            raise BadRowError(
+                f"the training data of process(es) {ranks} failed (see their error); stopping too"
+            )
+    if error is not None:
+        raise error
+    return batches
 
 
 def _read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -359,6 +569,7 @@ def train(
     model: ModSquadForMultiTask,
     tasks: list[TaskData],
     processor: Any | None = None,
+    on_estimate: Callable[[TimeEstimate], None] | None = None,
 ) -> TrainResult:
     """Trains a multi-task Mod-Squad model as the recipe says.
 
@@ -370,31 +581,16 @@ def train(
         model ([`ModSquadForMultiTask`]): the model to train (the same initial weights on every process).
         tasks (`list[TaskData]`): the data, in the model's task order.
         processor (*optional*): image processor saved with the final model.
+        on_estimate (`Callable[[TimeEstimate], None]`, *optional*): called once on the main process after the
+            first timed steps with the time-left [`TimeEstimate`] (e.g. to print one for a whole job); by default
+            the loop prints its own line.
 
     Returns:
         [`TrainResult`].
     """
     loop, optim = recipe.training, recipe.optimization
     output_dir = Path(recipe.output_dir)
-    cpu = use_cpu(loop.cpu)
-    mixed_precision = resolve_mixed_precision(loop.mixed_precision, cpu)
-    find_unused = loop.find_unused_parameters
-    if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step, and one task graph at a time leaves
-        # every other head out of each forward: let DDP skip those parameters.
-        find_unused = recipe.mixing.strategy != "simt" or loop.one_task_at_a_time
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=loop.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        log_with=None if loop.tracker == "none" else [_tracker(loop.tracker, output_dir)],
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
-    )
+    accelerator = build_accelerator(recipe, model)
     set_seed(recipe.seed)  # the same data order and training noise on every process
     if [t.name for t in tasks] != model.config.task_names:
         raise ValueError(
@@ -402,8 +598,8 @@ def train(
         )
 
     mixer = build_mixer(recipe, tasks, accelerator.num_processes, accelerator.process_index)
-    accumulation = loop.gradient_accumulation_steps
-    max_steps = loop.max_steps or max(1, math.ceil(loop.num_epochs * mixer.steps_per_epoch / accumulation))
+    accumulation = accelerator.gradient_accumulation_steps
+    max_steps = loop.max_steps or steps_for_epochs(mixer, loop.num_epochs, accumulation)
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
@@ -415,59 +611,111 @@ def train(
     step_module = MultiTaskStep(
         model, weighting, world_size=accelerator.num_processes, routing_estimate=routing_estimate
     )
-    optimizer = build_optimizer(step_module, optim.learning_rate, optim.weight_decay, optim.betas)
+    optimizer = build_optimizer(
+        step_module,
+        optim.learning_rate,
+        optim.weight_decay,
+        optim.betas,
+        optim.backbone_learning_rate,
+        optim.layer_decay,
+    )
+    if len({group["name"] for group in optimizer.param_groups}) > 1:
+        accelerator.print("\n".join(["learning-rate groups (peak):", *describe_groups(optimizer)]))
     warmup = max(optim.warmup_steps, int(optim.warmup_ratio * max_steps))
     # The schedule counts optimizer steps and is stepped by hand: a prepared scheduler would step once per process.
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    if accelerator.num_processes > 1:
+        _LIVE_WRAPPERS.append(step_module)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
-    accelerator.register_for_checkpointing(scheduler, mixer, state)
+    # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
+    # objects here to checkpoint them too.
+    loop_state = CheckpointedState()
+    loop_state.register("trainer_state", state)
+    loop_state.register("lr_scheduler", scheduler)
+    loop_state.register("mixer", mixer)
     if routing_estimate is not None:
-        accelerator.register_for_checkpointing(routing_estimate)
+        # The streaming mutual-information estimate spans steps: without it a resumed run would restart it empty.
+        loop_state.register("routing_estimate", routing_estimate)
 
     log_path = output_dir / TRAINING_LOG
-    resume_from = resolve_resume(recipe.resume, output_dir)
+    # Every process decides from the folder as it is, before anything is written to it.
+    resume_from = check_run_folder(output_dir, recipe.resume, recipe.overwrite)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        verify_checkpoint(resume_from, accelerator.num_processes, recipe.to_dict(), log=accelerator.print)
+    accelerator.wait_for_everyone()
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, loop_state)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
+        if recipe.overwrite:
+            removed = clear_run(output_dir)
+            if removed:
+                accelerator.print(
+                    f"--overwrite: deleted the earlier run's {', '.join(p.name for p in removed)}"
+                )
         output_dir.mkdir(parents=True, exist_ok=True)
         recipe.to_yaml(output_dir / RECIPE_FILE)
         # Steps after the checkpoint are trained again: forget what the interrupted run logged for them.
         kept = _read_history(log_path, state.step)
         log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-    if loop.tracker != "none":
-        accelerator.init_trackers("tracker", config=_flat_hparams(recipe, max_steps, mixer.steps_per_epoch))
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        hparams = _flat_hparams(recipe, max_steps, mixer.steps_per_epoch)
+        # What the run actually used, wherever it was decided (recipe, launcher, `accelerate config`).
+        hparams.update(
+            {
+                "accelerate.mixed_precision": str(accelerator.mixed_precision),
+                "accelerate.num_processes": accelerator.num_processes,
+                "accelerate.gradient_accumulation_steps": accumulation,
+                "accelerate.device": str(accelerator.device),
+            }
+        )
+        accelerator.init_trackers("tracker", config=hparams)
         for tracker in accelerator.trackers:
             if isinstance(tracker, CSVTracker):
                 tracker.drop_after(state.step)
 
     history: list[dict] = []
     metrics: dict[str, dict[str, float]] = {}
+    # The steps this run will reach: `max_steps`, or fewer once the time budget has been fitted (see budget.py).
+    planned_steps = max_steps
+    clock = StepClock(loop.max_minutes, first_step=state.step)
+    # After the first (untimed) step and ESTIMATE_AFTER_STEPS timed ones: the estimate and the budget's plan.
+    estimate_step = state.step + 1 + ESTIMATE_AFTER_STEPS
     last_checkpoint: Path | None = resume_from
     task_names = model.config.task_names
     coef = model.config.mi_loss_coef
 
-    def save_checkpoint() -> Path:
-        folder = checkpoint_path(output_dir, state.step)
-        accelerator.save_state(str(folder))
-        accelerator.wait_for_everyone()
+    def checkpoint() -> Path:
+        # Each process's place in its share of a streamed task: a collective, so every process runs it; the main
+        # process then saves them all with the mixer's state.
+        mixer.gather_stream_states(gather_object)
+        folder = save_checkpoint(
+            accelerator,
+            checkpoint_path(output_dir, state.step),
+            loop_state,
+            step=state.step,
+            max_steps=max_steps,
+            recipe=recipe.to_dict(),
+        )
         if accelerator.is_main_process:
-            (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.step, "max_steps": max_steps}))
             prune_checkpoints(output_dir, loop.keep_last)
         accelerator.wait_for_everyone()
         return folder
 
+    process_tag = f" [process {accelerator.process_index}]" if accelerator.num_processes > 1 else ""
     step_module.train()
     progress = tqdm(
         total=max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
     started = time.perf_counter()
     with StopOnSignal() as stop:
-        while state.step < max_steps:
+        while state.step < planned_steps:
             sums = StepSums(accelerator.num_processes * accumulation)
             for _ in range(accumulation):
-                micro_batches = send_to_device(mixer.next_step(), accelerator.device)
+                micro_batches = next_micro_batches(accelerator, mixer, state, loop.max_bad_rows, process_tag)
+                micro_batches = send_to_device(micro_batches, accelerator.device)
                 with accelerator.accumulate(step_module):
                     out = forward_backward(accelerator, step_module, micro_batches, loop.one_task_at_a_time)
                     if accelerator.sync_gradients and optim.max_grad_norm:
@@ -482,20 +730,59 @@ def train(
                 scheduler.step()
             state.step += 1
             progress.update(1)
+            clock.step_done(state.step)
+            # The time budget is decided on the main process's clock alone, so that every process agrees.
+            estimating = state.step == estimate_step and state.step < planned_steps
+            plan = clock.steps_that_fit(max_steps) if estimating else 0
+            main_out_of_time = accelerator.is_main_process and clock.out_of_time()
 
-            # One all-reduce per step: losses, usage counts and the stop request travel together.
-            stopped_anywhere, reduced = sums.reduce(accelerator, stop.requested is not None)
+            # One all-reduce per step: losses, usage counts, the stop request and the budget travel together.
+            stopped_anywhere, reduced = sums.reduce(
+                accelerator,
+                stop.requested is not None,
+                out_of_time=main_out_of_time,
+                planned_steps=plan if accelerator.is_main_process else 0,
+            )
+            if reduced["planned_steps"] and reduced["planned_steps"] < planned_steps:
+                planned_steps = reduced["planned_steps"]
+                scheduler.fit(planned_steps)  # the cosine now ends where the budget does
+                progress.total = planned_steps
+                progress.refresh()
+            if estimating and accelerator.is_main_process:
+                estimate = clock.estimate(planned_steps, max_steps)
+                if on_estimate is not None:
+                    on_estimate(estimate)
+                else:
+                    progress.write(estimate.describe())
+            if reduced["out_of_time"]:
+                planned_steps = min(
+                    planned_steps, state.step
+                )  # this step is the last; the run ends as finished
+            # fp16's scaler skips steps with overflowing gradients by design; any other non-finite loss has already
+            # spoilt the weights: stop (every process sees the same reduced loss) rather than train on NaN.
+            if not math.isfinite(reduced["loss"]) and not accelerator.optimizer_step_was_skipped:
+                losses = dict(zip(task_names, reduced["task_losses"]))
+                raise TrainingDivergedError(
+                    f"step {state.step}: the loss is {reduced['loss']} (task losses {losses}, aux "
+                    f"{reduced['aux_loss']}); training diverged (learning rate, loss weights or data). The last "
+                    f"checkpoint is {last_checkpoint or 'none'}"
+                )
             # A signal during the last step changes nothing: the run is finishing anyway.
-            stop_everywhere = stopped_anywhere and state.step < max_steps
+            stop_everywhere = stopped_anywhere and state.step < planned_steps
             if reduced["usage"]:
                 state.update_usage(reduced["usage"])
 
-            if state.step % loop.log_every == 0 or state.step == max_steps or stop_everywhere:
+            if state.step % loop.log_every == 0 or state.step == planned_steps or stop_everywhere:
                 weights = accelerator.unwrap_model(step_module).weighting.effective_weights()
                 line = {
                     "step": state.step,
-                    "epoch": state.step * accumulation / mixer.steps_per_epoch,
-                    "lr": scheduler.get_last_lr()[0],
+                    **(
+                        {"epoch": state.step * accumulation / mixer.steps_per_epoch}
+                        if mixer.steps_per_epoch
+                        else {}
+                    ),
+                    "lr": _base_learning_rate(optimizer, optim.learning_rate),
+                    **_group_learning_rates(optimizer),
                     **{key: reduced[key] for key in ("loss", "aux_loss", "mi_loss")},
                     "time": time.perf_counter() - started,
                     **({"grad_norm": float(sums.grad_norm)} if sums.grad_norm is not None else {}),
@@ -513,13 +800,13 @@ def train(
                     with log_path.open("a") as handle:
                         handle.write(json.dumps(line) + "\n")
 
-            if loop.eval_every and state.step % loop.eval_every == 0 and state.step < max_steps:
+            if loop.eval_every and state.step % loop.eval_every == 0 and state.step < planned_steps:
                 if accelerator.is_main_process:
                     metrics = evaluate_tasks(accelerator.unwrap_model(step_module).model, tasks, accelerator)
                     accelerator.log(_flat_metrics(metrics), step=state.step)
                 accelerator.wait_for_everyone()
             if stop_everywhere or (loop.save_every and state.step % loop.save_every == 0):
-                last_checkpoint = save_checkpoint()
+                last_checkpoint = checkpoint()
             if stop_everywhere:
                 progress.close()
                 accelerator.print(
@@ -531,9 +818,13 @@ def train(
                     checkpoint=last_checkpoint, model=accelerator.unwrap_model(step_module).model,
                 )  # fmt: skip
     progress.close()
+    if state.step < max_steps:
+        accelerator.print(
+            f"stopped at the {loop.max_minutes:g} min time budget after {state.step} of {max_steps} steps"
+        )
 
     if loop.save_every and state.step % loop.save_every:
-        last_checkpoint = save_checkpoint()
+        last_checkpoint = checkpoint()
     final_dir = None
     unwrapped = accelerator.unwrap_model(step_module)
     # Data-parallel replicas must end bit-identical; checking costs one hash per process and catches silent desyncs.
@@ -570,13 +861,20 @@ def train(
         last_checkpoint,
         unwrapped.model,
         digests,
+        out_of_time=state.step < max_steps,
     )
 
 
-def _tracker(kind: str, output_dir: Path):
-    if kind == "csv":
-        return CSVTracker("tracker", output_dir / LOGS_DIR)
-    return kind
+def _base_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> float:
+    """`learning_rate` at the schedule's current factor (the rate of the new parameters, whatever the groups)."""
+    group = optimizer.param_groups[0]
+    return learning_rate * group["lr"] / group["initial_lr"]
+
+
+def _group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr/<group>` of every named group, when the groups have more than one learning rate."""
+    rates = group_learning_rates(optimizer)
+    return {f"lr/{name}": rate for name, rate in rates.items()} if len(rates) > 1 else {}
 
 
 def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -588,9 +886,11 @@ def _flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
-def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int | None) -> dict[str, Any]:
     """Scalar hyper-parameters for the tracker (trackers accept only str, bool, int and float)."""
-    flat: dict[str, Any] = {"max_steps": max_steps, "steps_per_epoch": steps_per_epoch}
+    flat: dict[str, Any] = {"max_steps": max_steps}
+    if steps_per_epoch is not None:
+        flat["steps_per_epoch"] = steps_per_epoch
 
     def visit(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -614,12 +914,17 @@ def _flat_hparams(recipe: TrainingRecipe, max_steps: int, steps_per_epoch: int) 
 __all__ = [
     "TrainResult",
     "TrainerState",
+    "TrainingDivergedError",
+    "build_accelerator",
     "build_mixer",
     "build_optimizer",
+    "describe_groups",
     "evaluate_tasks",
     "forward_backward",
     "parameter_digest",
+    "resolve_gradient_accumulation",
     "resolve_mixed_precision",
+    "steps_for_epochs",
     "train",
     "use_cpu",
 ]
