@@ -34,6 +34,10 @@ def tiny_config(tasks: list[dict] | None = None, **overrides) -> modsquad.ModSqu
         image_size=32,
         patch_size=8,
     )
+    if overrides.get("moe_attention") and "attention_expert_heads" not in overrides:
+        # Two attention experts of two heads per token (the config's default, one head per expert and as many
+        # experts per token as heads, would take all four experts of a tiny block).
+        kwargs["attention_experts_per_tok"] = 2
     kwargs.update(overrides)
     return modsquad.ModSquadConfig(**kwargs)
 

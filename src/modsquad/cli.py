@@ -20,7 +20,8 @@ COMMANDS: dict[str, str] = {
     "prune": "cut each task of a run into a standalone model of the experts it uses",
     "inspect": "show a checkpoint's tasks, experts per layer, parameters and usage",
     "push": "publish a run (multi-task model and pruned task models) to the Hub",
-    "benchmark": "time MoE layers and whole models against dense ones of the same active size",
+    "benchmark": "time MoE layers and whole models against dense ones of the same active size; peak memory of a "
+    "multi-task step; the demo under each task sampler",
 }
 
 

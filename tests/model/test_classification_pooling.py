@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from modsquad import ModSquadForImageClassification
-from modsquad.model.modeling_modsquad import NUM_PREFIX_TOKENS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,13 +14,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("pooling", ["cls", "mean", "cls+mean"])
 def test_the_head_reads_the_pooled_tokens(tiny_config, all_tasks, pooling, tmp_path):
     model = ModSquadForImageClassification(tiny_config([dict(all_tasks[0], pooling=pooling)])).eval()
+    prefix = model.config.num_prefix_tokens  # [CLS] and the task token
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.modsquad(pixel_values).last_hidden_state
         pooled = {
             "cls": tokens[:, 0],
-            "mean": tokens[:, NUM_PREFIX_TOKENS:].mean(dim=1),
-            "cls+mean": torch.cat([tokens[:, 0], tokens[:, NUM_PREFIX_TOKENS:].mean(dim=1)], dim=-1),
+            "mean": tokens[:, prefix:].mean(dim=1),
+            "cls+mean": torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1),
         }[pooling]
         expected = model.head.classifier(pooled)
         torch.testing.assert_close(model(pixel_values).logits, expected)

@@ -129,11 +129,14 @@ def test_per_layer_expert_counts_reach_the_blocks():
 
 
 def test_defaults_are_derived():
-    config = tiny_config(moe_attention=True)
+    config = tiny_config(moe_attention=True, attention_experts_per_tok=2)
     assert config.intermediate_size == config.num_experts_per_tok * config.expert_intermediate_size == 64
     assert config.attention_num_experts == config.num_experts
-    assert config.attention_experts_per_tok == config.num_experts_per_tok
-    assert config.attention_expert_heads == config.num_attention_heads // config.num_experts_per_tok
+    # experts per token given: each expert gets the heads that keep a dense block's width
+    assert config.attention_expert_heads == config.num_attention_heads // 2
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+    assert config.router_init_std == config.initializer_range
+    assert config.num_prefix_tokens == 2  # [CLS] and the task token
     assert config.feature_layers == [0, 1, 2, 3]
     assert tiny_config(num_hidden_layers=12).feature_layers == [2, 5, 8, 11]
     # labels given as a list become int-keyed id2label / label2id

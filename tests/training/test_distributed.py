@@ -118,3 +118,46 @@ def test_sampled_strategy_leaves_heads_out_without_ddp_errors(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     checkpoint = run / "checkpoints" / "step_00000004"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_one_task_graph_at_a_time_keeps_replicas_identical_and_matches_one_process(tmp_path):
+    # Each task micro-batch runs its own forward and backward under DDP (no_sync on all but the last backward of an
+    # optimizer step), with gradient accumulation and single-task steps; the streaming MI statistics are all-reduced.
+    tasks = [
+        {"name": "cls", "dataset": DEMO, "batch_size": 4, "image_size": 32},
+        {"name": "cls2", "dataset": {**DEMO, "demo_task": "cls"}, "batch_size": 4, "image_size": 32},
+    ]
+    recipe = recipe_file(
+        tmp_path / "ddp",
+        tasks,
+        mixing={"strategy": "uniform", "tasks_per_step": 2},
+        optimization={"learning_rate": 3e-3, "warmup_steps": 0, "mi_estimator": "streaming", "mi_horizon": 4},
+    )
+    overrides = ["training.one_task_at_a_time=true", "training.gradient_accumulation_steps=2"]
+    launch_two_processes(recipe, *overrides)
+    run = tmp_path / "ddp" / "run"
+    digests = json.loads((run / "replica_digests.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    log = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [1, 2, 3]
+    assert log[-1]["mi_loss"] < 0
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    single = load_recipe(
+        recipe,
+        [
+            *overrides,
+            "tasks.cls.batch_size=8",
+            "tasks.cls2.batch_size=8",
+            f"output_dir={tmp_path / 'single'}",
+        ],
+    )
+    result = train_recipe(single)
+    distributed = load_file(str(run / "final" / "model.safetensors"))
+    for name, param in result.model.state_dict().items():
+        assert torch.allclose(distributed[name], param, atol=2e-5), name
+    for ours, theirs in zip(result.history, log):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        assert ours["mi_loss"] == pytest.approx(theirs["mi_loss"], abs=1e-6)

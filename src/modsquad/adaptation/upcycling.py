@@ -34,7 +34,8 @@ The sequence of a ModSquad model has one token more than a ViT's: the task token
 token in that slot (its distillation token), which every task token copies, so an upcycled DeiT equals the dense
 DeiT outright. For ViT and DINOv2 the task token starts as a copy of the `[CLS]` token; the upcycled model then
 equals the dense blocks applied to that longer sequence (what the tests check), which is the closest a model with a
-task token can be to the dense one.
+task token can be to the dense one. With `task_conditioning="embedding"` there is no task token: the task embeddings
+start at zero and an upcycled ViT or DINOv2 equals the dense model exactly (a DeiT drops its distillation token).
 
 Called from `ModSquadPreTrainedModel.from_dense`; imports only torch, transformers and the model package.
 """
@@ -60,6 +61,7 @@ _COPIED_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
+    "head_dim",
     "intermediate_size",
     "expert_intermediate_size",
     "image_size",
@@ -190,6 +192,7 @@ def upcycled_fields(
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
+        "head_dim": config.hidden_size // config.num_attention_heads,
         "intermediate_size": intermediate,
         "expert_intermediate_size": expert_width,
         "image_size": config.image_size,
@@ -311,6 +314,10 @@ def copy_dense_weights(
     else:
         embeddings.position_embeddings.copy_(positions)
         task_token = dense_embeddings.cls_token[0, 0] + positions[0, 0]
+    if model.config.task_conditioning == "embedding":
+        # Added to every token before every block: zero leaves the dense computation as it is (a ViT or DINOv2 is
+        # then reproduced exactly, with no extra token; a DeiT loses its distillation token).
+        task_token = torch.zeros_like(task_token)
     embeddings.task_tokens.copy_(task_token.expand_as(embeddings.task_tokens))
 
     for block, dense in zip(target.layers, dense_blocks(backbone), strict=True):

@@ -1,6 +1,16 @@
-"""`modsquad benchmark moe`: one MoE MLP layer against a dense MLP of the same active size, per experts kernel.
-`modsquad benchmark model`: a whole ModSquad backbone (and a pruned one) against Transformers' `ViTModel` of the
-same active size, forward and training step, in images per second.
+"""`modsquad benchmark moe | model | memory | samplers`.
+
+`moe`: one MoE MLP layer against a dense MLP of the same active size, per experts kernel.
+
+`model`: a whole ModSquad backbone (and a pruned one) against Transformers' `ViTModel` of the same active size,
+forward and training step, in images per second.
+
+`memory`: the allocator's peak memory of one multi-task training step (forward and backward) of a ViT-B/16-shaped
+Mod-Squad model, as one graph over every task micro-batch against one task graph at a time (`training.memory`).
+
+`samplers`: the demo trained under each task-mixing strategy at equal images seen, with the per-step and the
+streaming mutual-information estimators: final metrics per task and `I(T;E)` per MoE router (see
+[`run_samplers`]).
 
 The MoE layer (router + experts, `ModSquadSparseMLP`) does exactly the FLOPs of a dense GELU MLP whose hidden width
 is `top_k * expert_intermediate_size`, so `moe / dense` measures the pure overhead of routing: sort, gather,
@@ -28,23 +38,28 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.mixing import STRATEGIES
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_modsquad import ModSquadMLP
 from ..model.moe import ModSquadSparseMLP
 from ..model.sorted_mm import AUTO, SORTED_MM
+from ..training.recipe import MI_ESTIMATORS, TrainingRecipe
 
 # Kernels this command knows how to run on CPU, in table order. `batched_mm` gathers one full expert weight
 # matrix per token slot, so it is only timed for inference and only while that gather stays small. `auto` (the
 # default of models) runs `sorted_mm` on CPU and a grouped GEMM on GPUs.
 IMPLEMENTATIONS = ("eager", SORTED_MM, "grouped_mm", "batched_mm", AUTO)
 MOE_DEFAULT_IMPLEMENTATIONS = ("eager", SORTED_MM, "grouped_mm", "batched_mm")
-WHATS = ("moe", "model")
+WHATS = ("moe", "model", "memory", "samplers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORWARD_ONLY = ("batched_mm",)
 MODES = ("fwd", "fwd+bwd")
@@ -146,8 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "what",
         choices=WHATS,
-        help="what to time: `moe`, one MoE MLP layer against dense; `model`, a whole ModSquad backbone (and a "
-        "pruned one) against a dense Transformers ViTModel of the same active size",
+        help="what to measure: `moe`, one MoE MLP layer against dense; `model`, a whole ModSquad backbone (and a "
+        "pruned one) against a dense Transformers ViTModel of the same active size; `memory`, peak memory of a "
+        "multi-task step, one graph vs one task at a time; `samplers`, the demo under each mixing strategy, "
+        "per-step vs streaming MI",
     )
     parser.add_argument(
         "--cases",
@@ -197,6 +214,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routers (default 0)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
+    memory = parser.add_argument_group("memory")
+    memory.add_argument(
+        "--memory-case",
+        choices=sorted(MEMORY_CASES),
+        default="vit-b16",
+        help="; ".join(f"{name}: {case.describe()}" for name, case in MEMORY_CASES.items()),
+    )
+    memory.add_argument(
+        "--no-per-task",
+        dest="per_task",
+        action="store_false",
+        help="skip the single-task steps (the largest of them is what one task at a time should cost)",
+    )
+    add_sampler_arguments(parser.add_argument_group("samplers"))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -620,8 +651,11 @@ def _load_average() -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `modsquad benchmark moe|model`: prints one table per case (and writes `--json`); returns the exit
-    status."""
+    """Runs `modsquad benchmark <what>`: prints its table(s) (and writes `--json`); returns the exit status."""
+    if args.what == "memory":
+        return run_memory(args)
+    if args.what == "samplers":
+        return run_samplers(args)
     _check_args(args)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -689,22 +723,388 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- memory benchmark
+MEMORY_TASKS = [
+    {"name": "cls", "type": "image-classification", "num_labels": 1000},
+    {"name": "det", "type": "object-detection", "num_labels": 80, "head_channels": 128},
+    {"name": "seg", "type": "semantic-segmentation", "num_labels": 150, "decoder_channels": 256},
+    {"name": "depth", "type": "depth-estimation", "decoder_channels": 256},
+]
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """A multi-task step to measure: one batch of `batch_size` images of `image_size` pixels for each of the four
+    `MEMORY_TASKS` (ImageNet-, COCO-, ADE20K- and NYU-like heads), through a ViT whose odd blocks are MoE."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    patch: int
+    image_size: int
+    num_experts: int
+    expert_intermediate_size: int
+    top_k: int
+    batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"{len(MEMORY_TASKS)} tasks x {self.batch_size} images of {self.image_size}px, ViT {self.hidden} wide, "
+            f"{self.layers} blocks, {self.heads} heads, {self.patch}px patches, odd blocks {self.num_experts} experts "
+            f"of {self.expert_intermediate_size} (top-{self.top_k})"
+        )
+
+    def config(self) -> ModSquadConfig:
+        return ModSquadConfig(
+            tasks=[dict(task) for task in MEMORY_TASKS],
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            patch_size=self.patch,
+            image_size=self.image_size,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.top_k,
+            expert_intermediate_size=self.expert_intermediate_size,
+            moe_layers="every_other",
+        )
+
+
+MEMORY_CASES = {
+    # Mod-Squad-B: ViT-B/16 at 224px, 16 MLP experts of 768 (top-4: the active width of ViT-B's 3072 MLP).
+    "vit-b16": MemoryCase("vit-b16", 768, 12, 12, 16, 224, 16, 768, 4, 8),
+    "tiny": MemoryCase("tiny", 64, 4, 4, 8, 64, 4, 64, 2, 4),
+}
+
+
+def synthetic_task_batch(task: dict, batch_size: int, image_size: int, generator: torch.Generator) -> dict:
+    """Random images and labels in the format of `task`'s head (what its collator would produce)."""
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    task_type = task["type"]
+    if task_type == "image-classification":
+        labels = torch.randint(0, task["num_labels"], (batch_size,), generator=generator)
+    elif task_type == "semantic-segmentation":
+        labels = torch.randint(
+            0, task["num_labels"], (batch_size, image_size, image_size), generator=generator
+        )
+    elif task_type == "depth-estimation":
+        labels = 0.5 + 5 * torch.rand(batch_size, image_size, image_size, generator=generator)
+    elif task_type == "object-detection":
+        labels = []
+        for _ in range(batch_size):
+            centres = 0.25 + 0.5 * torch.rand(3, 2, generator=generator)
+            sizes = 0.1 + 0.2 * torch.rand(3, 2, generator=generator)
+            classes = torch.randint(0, task["num_labels"], (3,), generator=generator)
+            labels.append({"class_labels": classes, "boxes": torch.cat((centres, sizes), dim=1)})
+    else:
+        raise ValueError(
+            f"no synthetic labels for task type {task_type!r}; accepted: {[t['type'] for t in MEMORY_TASKS]}"
+        )
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def measure_memory(case: MemoryCase, per_task: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Allocator peaks of one step of `case`: one graph, one task at a time, and (`per_task`) each task alone.
+
+    Returns:
+        `dict` with `parameters_bytes`, `gradients_bytes`, `rows` (`[{"mode", "peak_bytes", "end_bytes"}]`) and
+        `ratio` (one task at a time / one graph).
+    """
+    from ..model.modeling_multitask import ModSquadForMultiTask
+    from ..training.memory import step_peak_memory
+
+    torch.manual_seed(seed)
+    model = ModSquadForMultiTask(case.config()).train()
+    generator = torch.Generator().manual_seed(seed + 1)
+    tasks = case.config().tasks
+    step = [(t["name"], synthetic_task_batch(t, case.batch_size, case.image_size, generator)) for t in tasks]
+    # First calls allocate lazily (kernel workspaces, caches): warm up on a tiny step, outside the measurements.
+    warmup = [(t["name"], synthetic_task_batch(t, 1, case.image_size, generator)) for t in tasks]
+    step_peak_memory(model, warmup, one_task_at_a_time=True)
+
+    rows = []
+    for mode, micro_batches, one_at_a_time in (
+        ("one graph, all tasks", step, False),
+        ("one task at a time", step, True),
+        *((f"{task} alone", [(task, b)], False) for task, b in (step if per_task else [])),
+    ):
+        peak = step_peak_memory(model, micro_batches, one_at_a_time)
+        rows.append({"mode": mode, "peak_bytes": peak.peak_bytes, "end_bytes": peak.end_bytes})
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "case": asdict(case),
+        "parameters_bytes": parameter_bytes,
+        "gradients_bytes": parameter_bytes,
+        "rows": rows,
+        "ratio": rows[1]["peak_bytes"] / rows[0]["peak_bytes"],
+    }
+
+
+def format_memory_table(case: MemoryCase, result: dict[str, Any]) -> str:
+    """Plain-text table of [`measure_memory`]'s peaks, in MiB, relative to the one-graph step."""
+    mib = 2**20
+    base = result["rows"][0]["peak_bytes"]
+    lines = [
+        f"memory case {case.name}: {case.describe()}",
+        f"  parameters: {result['parameters_bytes'] / mib:.0f} MiB (fp32; their gradients, made in the step, as much)",
+        f"  {'step':<24}{'peak MiB':>10}{'x one graph':>13}{'alive after MiB':>17}",
+    ]
+    lines.append("  " + "-" * (len(lines[-1]) - 2))
+    for row in result["rows"]:
+        lines.append(
+            f"  {row['mode']:<24}{row['peak_bytes'] / mib:>10.0f}{row['peak_bytes'] / base:>12.2f}x"
+            f"{row['end_bytes'] / mib:>17.0f}"
+        )
+    return "\n".join(lines)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """Runs `modsquad benchmark memory`: prints the table (and writes `--json`)."""
+    torch.set_num_threads(args.threads)
+    case = MEMORY_CASES[args.memory_case]
+    print(
+        f"torch {torch.__version__}, fp32, CPU. Peak = the CPU allocator's most bytes alive at once during the "
+        "step's forward and backward, above what existed before (parameters); read from torch.profiler's memory "
+        "events (see modsquad.training.memory)."
+    )
+    result = measure_memory(case, per_task=args.per_task, seed=args.seed)
+    print()
+    print(format_memory_table(case, result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"torch": torch.__version__, "memory": result}, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- sampler benchmark
+SAMPLER_TASKS = ("cls", "det", "seg", "depth")
+# Unequal training sets, so that the strategies differ: proportional draws cls ~70 % of the time, depth ~4 %.
+DEFAULT_SAMPLER_SIZES = (1024, 256, 128, 64)
+SAMPLER_BATCH_SIZE = 16
+
+
+def add_sampler_arguments(group: argparse._ArgumentGroup) -> None:
+    """Arguments of `modsquad benchmark samplers`."""
+    group.add_argument(
+        "--output-dir", default="runs/benchmark-samplers", help="one run folder per strategy and estimator; "
+        "finished runs are read back, not trained again (default runs/benchmark-samplers)",
+    )  # fmt: skip
+    group.add_argument(
+        "--steps", type=int, default=800, help="steps of the simt runs (default 800, the demo's)"
+    )
+    group.add_argument(
+        "--sizes", type=int, nargs=len(SAMPLER_TASKS), default=list(DEFAULT_SAMPLER_SIZES), metavar="N",
+        help=f"training images of {' '.join(SAMPLER_TASKS)} (default {' '.join(map(str, DEFAULT_SAMPLER_SIZES))})",
+    )  # fmt: skip
+    group.add_argument(
+        "--tasks-per-step", type=int, default=len(SAMPLER_TASKS),
+        help="micro-batches per step of the sampling strategies (default: one per task, as simt)",
+    )  # fmt: skip
+    group.add_argument(
+        "--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), metavar="NAME"
+    )
+    group.add_argument(
+        "--estimators", nargs="+", choices=MI_ESTIMATORS, default=list(MI_ESTIMATORS), metavar="NAME"
+    )
+    group.add_argument("--num-val", type=int, default=64, help="validation images per task (default 64)")
+    group.add_argument(
+        "--sampler-overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every run",
+    )
+
+
+def sampler_recipe(
+    strategy: str,
+    estimator: str,
+    output_dir: str | Path,
+    steps: int = 800,
+    sizes: tuple[int, ...] = DEFAULT_SAMPLER_SIZES,
+    tasks_per_step: int = len(SAMPLER_TASKS),
+    num_val: int = 64,
+    overrides: list[str] | None = None,
+) -> TrainingRecipe:
+    """The demo recipe with unequal training sets, every task at batch size `SAMPLER_BATCH_SIZE`, trained with
+    `strategy` and the `estimator` MI statistics for as many images as `steps` simt steps see.
+
+    Every micro-batch holds the same number of images, so equal images seen is equal micro-batches: a sampling
+    strategy drawing `tasks_per_step` micro-batches per step runs `steps * num_tasks / tasks_per_step` steps (warm-up
+    scaled alike).
+    """
+    from .demo import demo_recipe
+
+    num_tasks = len(SAMPLER_TASKS)
+    scale = 1.0 if strategy == "simt" else num_tasks / tasks_per_step
+    recipe_overrides = [
+        f"mixing.strategy={strategy}",
+        f"optimization.mi_estimator={estimator}",
+        f"training.max_steps={max(1, round(steps * scale))}",
+        f"optimization.warmup_steps={round(min(30, steps // 10) * scale)}",
+        "training.save_final_model=false",
+        "training.tracker=none",
+    ]
+    if strategy != "simt":
+        recipe_overrides.append(f"mixing.tasks_per_step={tasks_per_step}")
+    for name, size in zip(SAMPLER_TASKS, sizes):
+        recipe_overrides += [
+            f"tasks.{name}.dataset.num_train={size}",
+            f"tasks.{name}.batch_size={SAMPLER_BATCH_SIZE}",
+        ]
+    return demo_recipe(
+        output_dir, num_val=num_val, max_steps=steps, overrides=[*recipe_overrides, *(overrides or [])]
+    )
+
+
+def validation_mutual_information(model: torch.nn.Module, tasks: list) -> list[float]:
+    """Per router, `I(T;E)` in nats of the tasks' mean router distributions on their validation images (no
+    augmentation), every task weighing the same: a sampler-independent measure of specialisation."""
+    from ..model.moe import task_expert_mutual_information
+    from ..pruning.run import calibration_loader
+    from ..pruning.usage import pixel_batches
+
+    config = model.config
+    rows: list[list[torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for task in tasks:
+            loader = calibration_loader(
+                config.get_task(task.name), task.processor, task.eval_dataset, samples=len(task.eval_dataset),
+                batch_size=32, columns=task.eval_columns, schema_options=task.eval_options,
+            )  # fmt: skip
+            sums, tokens = None, 0
+            for pixels in pixel_batches(loader, config, task.name):
+                out = model.modsquad(pixel_values=pixels, task=task.name, output_router_logits=True)
+                batch_sums = [p.float().sum(dim=0) for p in out.router_probs]
+                sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+                tokens += out.router_probs[0].shape[0]
+            rows.append([total / tokens for total in sums])
+    model.train(was_training)
+    return [float(task_expert_mutual_information(torch.stack(per_router))) for per_router in zip(*rows)]
+
+
+def run_sampler_case(recipe: TrainingRecipe) -> dict[str, Any]:
+    """Trains `recipe` (or reads its finished `sampler_result.json`) and returns metrics and MI per router."""
+    from ..training.task_data import build_model, build_task_data
+    from ..training.trainer import build_mixer, train
+    from .demo import headline_metric, router_names
+
+    output_dir = Path(recipe.output_dir)
+    saved = output_dir / "sampler_result.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    tasks, processor = build_task_data(recipe)
+    model = build_model(recipe, tasks)
+    result = train(recipe, model, tasks, processor)
+    if result.interrupted is not None:
+        raise RuntimeError(
+            f"the {output_dir} run was interrupted at step {result.step}; run the command again"
+        )
+    task_types = {entry["name"]: entry["type"] for entry in result.model.config.tasks}
+    mixer = build_mixer(recipe, tasks, num_processes=1, process_index=0)
+    draws = [mixer.tasks_for_step(step) for step in range(result.step)]
+    summary = {
+        "strategy": recipe.mixing.strategy,
+        "estimator": recipe.optimization.mi_estimator,
+        "steps": result.step,
+        "metrics": {
+            name: {
+                "metric": headline_metric(task_types[name]),
+                "value": values.get(headline_metric(task_types[name])),
+            }
+            for name, values in result.metrics.items()
+        },
+        "routers": router_names(result.model.config),
+        "mutual_information": validation_mutual_information(result.model, tasks),
+        "micro_batches": dict(Counter(task for draw in draws for task in draw)),
+        "single_task_steps": sum(len(set(draw)) == 1 for draw in draws) / len(draws),
+    }
+    saved.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_sampler_table(results: list[dict[str, Any]]) -> str:
+    """Metrics per task and validation `I(T;E)` per router of every run; MI also relative to the simt runs."""
+    reference = {r["estimator"]: sum(r["mutual_information"]) for r in results if r["strategy"] == "simt"}
+    simt_step = reference.get("step")
+    tasks = list(results[0]["metrics"])
+    routers = results[0]["routers"]
+    header = f"{'strategy':<13}{'MI estimator':<14}{'steps':>6}{'1-task steps':>14}"
+    header += "".join(f"{t + ' ' + results[0]['metrics'][t]['metric']:>22}" for t in tasks)
+    header += "".join(f"{'I ' + r:>14}" for r in routers) + f"{'I total':>9}{'/ simt(step)':>14}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        line = f"{r['strategy']:<13}{r['estimator']:<14}{r['steps']:>6}{r['single_task_steps']:>14.0%}"
+        line += "".join(f"{r['metrics'][t]['value']:>22.3f}" for t in tasks)
+        line += "".join(f"{mi:>14.3f}" for mi in r["mutual_information"])
+        total = sum(r["mutual_information"])
+        line += f"{total:>9.3f}" + (f"{total / simt_step:>13.0%}" if simt_step else f"{'':>14}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_samplers(args: argparse.Namespace) -> int:
+    """Runs `modsquad benchmark samplers`: trains (or reads back) every run and prints the table."""
+    torch.set_num_threads(args.threads)
+    print(
+        "Demo data with training sets of "
+        + ", ".join(f"{t} {n}" for t, n in zip(SAMPLER_TASKS, args.sizes))
+        + f" images, batch {SAMPLER_BATCH_SIZE} per micro-batch; simt: {args.steps} steps of {len(SAMPLER_TASKS)} "
+        f"micro-batches, sampling strategies: {args.tasks_per_step} micro-batches per step, as many images in all. "
+        "I(T;E): per MoE router, of the tasks' mean router distributions on validation images, tasks weighted "
+        "equally (nats; the most is ln 4 = 1.386)."
+    )
+    results = []
+    for strategy in args.strategies:
+        for estimator in args.estimators:
+            recipe = sampler_recipe(
+                strategy, estimator, Path(args.output_dir) / f"{strategy}-{estimator}", args.steps, tuple(args.sizes),
+                args.tasks_per_step, args.num_val, args.sampler_overrides,
+            )  # fmt: skip
+            print(
+                f"\n{strategy} / {estimator}: {recipe.training.max_steps} steps -> {recipe.output_dir}",
+                flush=True,
+            )
+            results.append(run_sampler_case(recipe))
+    print()
+    print(format_sampler_table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"samplers": results}, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 __all__ = [
     "CASES",
     "IMPLEMENTATIONS",
+    "MEMORY_CASES",
     "MODEL_CASES",
     "Measurement",
+    "MemoryCase",
     "MoECase",
     "ModelCase",
     "ModelMeasurement",
     "add_arguments",
+    "add_sampler_arguments",
     "build_layers",
     "build_models",
+    "format_memory_table",
     "format_model_table",
+    "format_sampler_table",
     "format_table",
     "interleaved_samples",
     "measure_case",
+    "measure_memory",
     "measure_model_case",
     "run",
+    "run_memory",
+    "run_samplers",
+    "sampler_recipe",
     "skip_reason",
+    "synthetic_task_batch",
+    "validation_mutual_information",
 ]

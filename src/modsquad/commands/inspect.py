@@ -21,7 +21,7 @@ from typing import Any
 from ..hub.model_card import human_bytes, human_count
 from ..model.configuration_modsquad import ModSquadConfig
 from ..pruning.prune import kept_experts_per_router
-from ..pruning.usage import ExpertUsage, router_layout, run_ema_usage
+from ..pruning.usage import ExpertUsage, router_layout, router_positions, run_ema_usage
 from ..run_folder import USAGE_FILE, RunFolder, weight_files, weights_bytes
 
 # Parameter groups by key, first match wins.
@@ -68,20 +68,20 @@ def describe_checkpoint(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     config = ModSquadConfig.from_pretrained(folder)
     kept = {"mlp": config.pruned_experts, "attention": config.pruned_attention_experts}
-    position = {block: i for i, block in enumerate(config.moe_layer_indices)}
+    position = router_positions(config)
     routers = []
     for slot in router_layout(config):
         limits = (
             config.routable_attention_experts_per_layer
             if slot.kind == "attention"
             else config.routable_experts_per_layer
-        )[position[slot.block]]
+        )[position[slot.kind][slot.block]]
         routers.append(
             {
                 "router": slot.name,
                 "experts": slot.num_experts,
                 "routable_per_task": dict(zip(config.task_names, limits)),
-                "original_experts": kept[slot.kind][position[slot.block]]
+                "original_experts": kept[slot.kind][position[slot.kind][slot.block]]
                 if kept[slot.kind] is not None
                 else None,
             }
@@ -94,6 +94,7 @@ def describe_checkpoint(folder: str | Path) -> dict[str, Any]:
             {"name": t["name"], "type": t["type"], "num_labels": t.get("num_labels")} for t in config.tasks
         ],
         "moe_blocks": config.moe_layer_indices,
+        "attention_moe_blocks": config.attention_moe_layer_indices,
         "top_k": config.num_experts_per_tok,
         "attention_top_k": config.attention_experts_per_tok if config.moe_attention else None,
         "routers": routers,

@@ -111,7 +111,9 @@ def _architecture(config: ModSquadConfig) -> dict[str, Any]:
         "heads": config.num_attention_heads,
         "patch_size": config.patch_size,
         "image_size": "x".join(map(str, config.image_size_hw)),
-        "moe_blocks": ", ".join(map(str, config.moe_layer_indices)),
+        "moe_blocks": ", ".join(
+            map(str, sorted({*config.moe_layer_indices, *config.attention_moe_layer_indices}))
+        ),
         "experts_text": _counts_text(config.experts_per_layer),
         "expert_width": config.expert_intermediate_size,
         "top_k": config.num_experts_per_tok,
@@ -282,17 +284,33 @@ def render_multitask_card(
 # ------------------------------------------------------------------------------------------------- pruned
 def _experts_rows(config: ModSquadConfig) -> list[dict[str, Any]]:
     parent = config.pruned_from or {}
+    # Per router kind: kept indices, the parent's counts, this model's counts, and the blocks with such experts (the
+    # per-block lists are indexed by position among those blocks).
+    kinds = {
+        "attention": (
+            config.pruned_attention_experts,
+            parent.get("attention_num_experts"),
+            config.attention_experts_per_layer,
+            config.attention_moe_layer_indices,
+        ),
+        "mlp": (
+            config.pruned_experts,
+            parent.get("num_experts"),
+            config.experts_per_layer,
+            config.moe_layer_indices,
+        ),
+    }
     rows = []
-    for position, block in enumerate(config.moe_layer_indices):
-        kinds = []
-        if config.pruned_attention_experts is not None:
-            totals = parent.get("attention_num_experts") or config.attention_experts_per_layer
-            kinds.append(("attention", config.pruned_attention_experts[position], totals))
-        if config.pruned_experts is not None:
-            totals = parent.get("num_experts") or config.experts_per_layer
-            kinds.append(("mlp", config.pruned_experts[position], totals))
-        for kind, kept, totals in kinds:
-            total = totals[position] if isinstance(totals, list) else totals
+    # The routers in the model's order (`pruning.usage.router_layout`): block by block, attention before MLP.
+    for block in sorted({*config.moe_layer_indices, *config.attention_moe_layer_indices}):
+        for kind in ("attention", "mlp"):
+            kept_lists, parent_totals, totals, blocks = kinds[kind]
+            if kept_lists is None or block not in blocks:
+                continue
+            index = blocks.index(block)
+            totals = parent_totals or totals
+            total = totals[index] if isinstance(totals, list) else totals
+            kept = kept_lists[index]
             rows.append(
                 {
                     "name": f"block {block} {kind}",

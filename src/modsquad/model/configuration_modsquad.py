@@ -31,7 +31,12 @@ CLASSIFICATION_PROBLEM_TYPES = ("single_label_classification", "multi_label_clas
 # (global average pooling, which learns faster from scratch on small data), or both concatenated (DINOv2's linear
 # classifier).
 CLASSIFIER_POOLINGS = ("cls", "mean", "cls+mean")
-MOE_LAYER_PRESETS = ("all", "every_other")
+# Block selections by name: "every_other" = blocks 1, 3, 5, ...; "even" = blocks 0, 2, 4, ... (attention experts
+# interleaved with MLP experts, as the reference implementation's `twice_attn` / `twice_mlp` models do).
+MOE_LAYER_PRESETS = ("all", "every_other", "even")
+# How the model is told its task: a learned token after [CLS], or a learned embedding added to every token before
+# every block (the reference implementation).
+TASK_CONDITIONINGS = ("token", "embedding")
 # Task types whose head predicts one of `num_labels` classes.
 LABELLED_TASK_TYPES = ("image-classification", "semantic-segmentation", "object-detection")
 # Box formats of detection datasets: COCO `(x_min, y_min, width, height)` or `(x_min, y_min, x_max, y_max)` pixels.
@@ -281,6 +286,8 @@ NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
     "hidden_size": {"minimum": 1, "integer": True},
     "num_hidden_layers": {"minimum": 1, "integer": True},
     "num_attention_heads": {"minimum": 1, "integer": True},
+    # Derived from hidden_size // num_attention_heads when not given.
+    "head_dim": {"minimum": 1, "integer": True, "optional": True},
     "patch_size": {"minimum": 1, "integer": True},
     "num_channels": {"minimum": 1, "integer": True},
     "num_experts_per_tok": {"minimum": 1, "integer": True},
@@ -294,13 +301,20 @@ NUMERIC_FIELDS: dict[str, dict[str, Any]] = {
     # Router inputs are scaled by a factor drawn from [1 - jitter, 1 + jitter]: it must stay positive.
     "router_jitter_noise": {"minimum": 0, "maximum": 1, "exclusive_maximum": True},
     "router_noise_std": {"minimum": 0},
+    # Defaults to initializer_range; 0 starts every router at zero.
+    "router_init_std": {"minimum": 0, "optional": True},
     "mi_loss_coef": {"minimum": 0},
     "balance_loss_coef": {"minimum": 0},
     "z_loss_coef": {"minimum": 0},
     "chunk_size_feed_forward": {"minimum": 0, "integer": True},
 }
 # Fields that only mean something with `moe_attention=True`.
-ATTENTION_EXPERT_FIELDS = ("attention_num_experts", "attention_experts_per_tok", "attention_expert_heads")
+ATTENTION_EXPERT_FIELDS = (
+    "attention_moe_layers",
+    "attention_num_experts",
+    "attention_experts_per_tok",
+    "attention_expert_heads",
+)
 # Fields that are true or false (`None` allowed for the Transformers ones that default from elsewhere).
 BOOL_FIELDS = ("qkv_bias", "moe_attention", "norm_topk_prob", "is_encoder_decoder")
 OPTIONAL_BOOL_FIELDS = ("output_hidden_states", "return_dict")
@@ -339,12 +353,15 @@ class ModSquadConfig(PreTrainedConfig):
             labelled types `num_labels`, `labels` or `id2label`. Classification accepts `problem_type`
             (`"single_label_classification"`, `"multi_label_classification"` or `"regression"`); segmentation
             `ignore_index` (default 255). Any task accepts `routable_experts` (and, with `moe_attention`,
-            `routable_attention_experts`): an int or one int per MoE block, the number of leading experts the task
-            may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so they never see
+            `routable_attention_experts`): an int or one int per block with such experts, the number of leading
+            experts the task may route to; [`add_task`] sets it on the tasks trained before the experts it adds, so
+            they never see
             them. Defaults to one 1000-class classification task named `"cls"`.
         hidden_size (`int`, *optional*, defaults to 384): Width of the token embeddings.
         num_hidden_layers (`int`, *optional*, defaults to 12): Number of transformer blocks.
         num_attention_heads (`int`, *optional*, defaults to 6): Attention heads per block.
+        head_dim (`int`, *optional*): Width of one attention head (dense attention and attention experts); defaults
+            to `hidden_size // num_attention_heads`. The reference Mod-Squad models use twice that.
         intermediate_size (`int`, *optional*): Width of the dense MLP of non-MoE blocks. Defaults to
             `num_experts_per_tok * expert_intermediate_size`, the active width of an MoE block.
         image_size (`int` or `list[int]`, *optional*, defaults to 224): Size the position embeddings are made for.
@@ -358,19 +375,35 @@ class ModSquadConfig(PreTrainedConfig):
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon.
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the truncated normal initialiser.
         num_experts (`int` or `list[int]`, *optional*, defaults to 16): MLP experts per MoE block; a list gives one
-            count per MoE block (pruned models).
+            count per MoE block (pruned models). A "MoE block" is one of `moe_layers` (MLP experts); the blocks with
+            attention experts are `attention_moe_layers`, and the attention fields count per such block.
         num_experts_per_tok (`int`, *optional*, defaults to 4): Experts each token is routed to (top-k).
         expert_intermediate_size (`int`, *optional*, defaults to 384): Hidden width of one MLP expert.
-        moe_layers (`str` or `list[int]`, *optional*, defaults to `"every_other"`): Which blocks are MoE: `"all"`,
-            `"every_other"` (blocks 1, 3, 5, ...) or a list of block indices.
-        moe_attention (`bool`, *optional*, defaults to `False`): Make the attention of MoE blocks a mixture of
-            attention experts (own query and output projections, shared key and value).
-        attention_num_experts (`int` or `list[int]`, *optional*): Attention experts per MoE block; defaults to
-            `num_experts`.
-        attention_experts_per_tok (`int`, *optional*): Attention experts per token; defaults to `num_experts_per_tok`.
-        attention_expert_heads (`int`, *optional*): Heads of one attention expert; defaults to
-            `num_attention_heads // attention_experts_per_tok` so that the active width matches a dense block.
+        moe_layers (`str` or `list[int]`, *optional*, defaults to `"every_other"`): Which blocks have MLP experts:
+            `"all"`, `"every_other"` (blocks 1, 3, 5, ...), `"even"` (blocks 0, 2, 4, ...) or a list of block indices.
+        moe_attention (`bool`, *optional*, defaults to `False`): Give blocks a mixture of attention experts (own
+            query and output projections, one shared key and value projection), in the blocks `attention_moe_layers`
+            names.
+        attention_moe_layers (`str` or `list[int]`, *optional*): Which blocks have attention experts (with
+            `moe_attention`), as `moe_layers`; defaults to the blocks of `moe_layers`. The reference's interleaved
+            layout is `moe_layers="every_other", attention_moe_layers="even"`.
+        attention_num_experts (`int` or `list[int]`, *optional*): Attention experts per attention-MoE block; defaults
+            to `num_experts`.
+        attention_experts_per_tok (`int`, *optional*): Attention experts per token; defaults to
+            `num_attention_heads // attention_expert_heads`.
+        attention_expert_heads (`int`, *optional*): Query heads of one attention expert (the shared key and value
+            projections have as many heads); defaults to `num_attention_heads // attention_experts_per_tok` when
+            that is given, else to 1: with neither set, the reference's mixture of attention (one head per expert,
+            one shared key/value head, as many experts per token as a dense block has heads).
         norm_topk_prob (`bool`, *optional*, defaults to `True`): Renormalise the top-k probabilities to sum to one.
+        task_conditioning (`str`, *optional*, defaults to `"token"`): How the model is told its task: `"token"`, a
+            learned task token after `[CLS]`; `"embedding"`, a learned task embedding added to every token before
+            every block (the reference implementation; no extra token). Either way the per-task vectors are
+            `embeddings.task_tokens`.
+        router_init_std (`float`, *optional*): Std of the routers' truncated-normal initialisation; defaults to
+            `initializer_range`, so that tokens spread over experts from the first step (the reference
+            implementation's routers end up initialised alike). `0` starts every router at zero: uniform routing,
+            every token on the same top-k experts until gradients or noise break the tie.
         router_jitter_noise (`float`, *optional*, defaults to 0.0): Multiplicative uniform jitter on router inputs
             while training.
         router_noise_std (`float`, *optional*, defaults to 0.0): Std of Gaussian noise added to router logits while
@@ -418,6 +451,7 @@ class ModSquadConfig(PreTrainedConfig):
     hidden_size: int = 384
     num_hidden_layers: int = 12
     num_attention_heads: int = 6
+    head_dim: int | None = None
     intermediate_size: int | None = None
     image_size: int | list[int] | tuple[int, int] = 224
     patch_size: int = 16
@@ -434,10 +468,13 @@ class ModSquadConfig(PreTrainedConfig):
     expert_intermediate_size: int = 384
     moe_layers: str | list[int] = "every_other"
     moe_attention: bool = False
+    attention_moe_layers: str | list[int] | None = None
     attention_num_experts: int | list[int] | None = None
     attention_experts_per_tok: int | None = None
     attention_expert_heads: int | None = None
     norm_topk_prob: bool = True
+    task_conditioning: str = "token"
+    router_init_std: float | None = None
     router_jitter_noise: float = 0.0
     router_noise_std: float = 0.0
     mi_loss_coef: float = 0.01
@@ -531,11 +568,20 @@ class ModSquadConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not a Transformers activation; accepted: {sorted(ACT2FN)}"
             )
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; accepted head counts divide {self.hidden_size} (or set head_dim)"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not isinstance(self.task_conditioning, str) or self.task_conditioning not in TASK_CONDITIONINGS:
             raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
-                f"accepted head counts divide {self.hidden_size}"
+                f"task_conditioning={self.task_conditioning!r}; accepted: {list(TASK_CONDITIONINGS)}"
+                f"{did_you_mean(self.task_conditioning, TASK_CONDITIONINGS)}"
             )
+        if self.router_init_std is None:
+            self.router_init_std = self.initializer_range
         height, width = self.image_size_hw
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
@@ -575,30 +621,52 @@ class ModSquadConfig(PreTrainedConfig):
                     "moe_attention=True; set it, or drop these fields"
                 )
             return
-        if self.attention_experts_per_tok is None:
-            self.attention_experts_per_tok = self.num_experts_per_tok
+        attention_layers = self.attention_moe_layer_indices  # validates attention_moe_layers
         for field in ("attention_experts_per_tok", "attention_expert_heads"):
             value = getattr(self, field)
-            # attention_expert_heads may still be None here: it is derived below.
+            # Either may still be None here: they are derived below.
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
         if self.attention_num_experts is None:
+            if isinstance(self.num_experts, list) and len(self.num_experts) != len(attention_layers):
+                raise ValueError(
+                    f"num_experts={self.num_experts} has one count per MLP-expert block; set attention_num_experts "
+                    f"for the {len(attention_layers)} attention-expert blocks"
+                )
             self.attention_num_experts = self.num_experts
         self.attention_num_experts = self._per_layer_counts(
-            "attention_num_experts", self.attention_num_experts, len(layers)
+            "attention_num_experts", self.attention_num_experts, len(attention_layers), "MoE attention"
         )
-        if self.attention_experts_per_tok > min(self.attention_experts_per_layer or [1]):
+        heads, per_tok = self.attention_expert_heads, self.attention_experts_per_tok
+        if heads is None and per_tok is None:
+            # The reference's mixture of attention: one head per expert, a dense block's head count per token.
+            heads, per_tok = 1, self.num_attention_heads
+        fewest = min(self.attention_experts_per_layer or [1])
+        if per_tok is not None and per_tok > fewest:
             raise ValueError(
-                f"attention_experts_per_tok={self.attention_experts_per_tok} exceeds "
-                f"attention_num_experts={self.attention_num_experts}"
+                f"attention_experts_per_tok={per_tok} exceeds attention_num_experts={self.attention_num_experts}"
             )
-        if self.attention_expert_heads is None:
-            if self.num_attention_heads % self.attention_experts_per_tok:
+        if heads is None or per_tok is None:
+            given, value = (
+                ("attention_experts_per_tok", per_tok) if heads is None else ("attention_expert_heads", heads)
+            )
+            if self.num_attention_heads % value:
                 raise ValueError(
-                    f"num_attention_heads={self.num_attention_heads} is not divisible by attention_experts_per_tok="
-                    f"{self.attention_experts_per_tok}; set attention_expert_heads explicitly"
+                    f"num_attention_heads={self.num_attention_heads} is not divisible by {given}={value}; set "
+                    "attention_expert_heads and attention_experts_per_tok both, or neither (one head per expert, "
+                    f"{self.num_attention_heads} experts per token)"
                 )
-            self.attention_expert_heads = self.num_attention_heads // self.attention_experts_per_tok
+            heads, per_tok = (
+                (self.num_attention_heads // value, value)
+                if heads is None
+                else (value, self.num_attention_heads // value)
+            )
+        if per_tok > fewest:
+            raise ValueError(
+                f"attention_experts_per_tok={per_tok} exceeds attention_num_experts={self.attention_num_experts}; "
+                "set attention_experts_per_tok (and attention_expert_heads) or give more attention experts"
+            )
+        self.attention_expert_heads, self.attention_experts_per_tok = heads, per_tok
 
     def _validate_routable_experts(self) -> None:
         kinds = (
@@ -635,8 +703,8 @@ class ModSquadConfig(PreTrainedConfig):
                 )
             if not isinstance(kept, (list, tuple)) or len(kept) != len(counts):
                 raise ValueError(
-                    f"{field} must hold one list of kept expert indices per MoE block ({len(counts)} blocks), "
-                    f"got {kept!r}"
+                    f"{field} must hold one list of kept expert indices per MoE block of its kind ({len(counts)} "
+                    f"blocks), got {kept!r}"
                 )
             for position, (layer, count) in enumerate(zip(kept, counts)):
                 valid = isinstance(layer, (list, tuple)) and all(
@@ -660,15 +728,15 @@ class ModSquadConfig(PreTrainedConfig):
             )
 
     @staticmethod
-    def _per_layer_counts(field: str, value: Any, num_moe_layers: int) -> int | list[int]:
+    def _per_layer_counts(field: str, value: Any, num_moe_layers: int, kind: str = "MoE") -> int | list[int]:
         counts = value if isinstance(value, (list, tuple)) else [value]
         if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
             raise ValueError(f"{field} must be a positive int or a list of them, got {value!r}")
         if isinstance(value, (list, tuple)):
             if len(value) != num_moe_layers:
                 raise ValueError(
-                    f"{field} has {len(value)} entries but there are {num_moe_layers} MoE blocks; "
-                    "give one count per MoE block or a single int"
+                    f"{field} has {len(value)} entries but there are {num_moe_layers} {kind} blocks; "
+                    f"give one count per {kind} block or a single int"
                 )
             return list(value)
         return value
@@ -685,22 +753,40 @@ class ModSquadConfig(PreTrainedConfig):
     @property
     def moe_layer_indices(self) -> list[int]:
         """Indices of the blocks whose MLP is a mixture of experts."""
-        layers = self.moe_layers
+        return self._resolve_layers("moe_layers", self.moe_layers)
+
+    @property
+    def attention_moe_layer_indices(self) -> list[int]:
+        """Indices of the blocks whose attention is a mixture of attention experts (empty without `moe_attention`)."""
+        if not self.moe_attention:
+            return []
+        if self.attention_moe_layers is None:
+            return self.moe_layer_indices
+        return self._resolve_layers("attention_moe_layers", self.attention_moe_layers)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches: `[CLS]`, then the task token when `task_conditioning="token"`."""
+        return 2 if self.task_conditioning == "token" else 1
+
+    def _resolve_layers(self, field: str, layers: Any) -> list[int]:
         if layers == "all":
             return list(range(self.num_hidden_layers))
         if layers == "every_other":
             return list(range(1, self.num_hidden_layers, 2))
+        if layers == "even":
+            return list(range(0, self.num_hidden_layers, 2))
         if isinstance(layers, (list, tuple)):
             if any(
                 isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
                 for i in layers
             ) or len(set(layers)) != len(layers):
                 raise ValueError(
-                    f"moe_layers={layers} must list distinct block indices in 0..{self.num_hidden_layers - 1}"
+                    f"{field}={layers} must list distinct block indices in 0..{self.num_hidden_layers - 1}"
                 )
             return sorted(layers)
         raise ValueError(
-            f"moe_layers={layers!r}; accepted: {list(MOE_LAYER_PRESETS)} or a list of block indices"
+            f"{field}={layers!r}; accepted: {list(MOE_LAYER_PRESETS)} or a list of block indices"
         )
 
     @property
@@ -711,10 +797,11 @@ class ModSquadConfig(PreTrainedConfig):
 
     @property
     def attention_experts_per_layer(self) -> list[int]:
-        """Number of attention experts of each MoE block (empty without `moe_attention`)."""
+        """Number of attention experts of each attention-MoE block, in block order (empty without
+        `moe_attention`)."""
         if not self.moe_attention:
             return []
-        n = len(self.moe_layer_indices)
+        n = len(self.attention_moe_layer_indices)
         counts = self.attention_num_experts
         return list(counts) if isinstance(counts, list) else [counts] * n
 
@@ -725,8 +812,8 @@ class ModSquadConfig(PreTrainedConfig):
 
     @property
     def routable_attention_experts_per_layer(self) -> list[list[int]]:
-        """For each MoE block, how many of its leading attention experts each task may route to (empty without
-        `moe_attention`)."""
+        """For each attention-MoE block, how many of its leading attention experts each task may route to (empty
+        without `moe_attention`)."""
         return self._task_limits("routable_attention_experts", self.attention_experts_per_layer)
 
     def _task_limits(self, key: str, counts: list[int]) -> list[list[int]]:
@@ -842,4 +929,4 @@ def _relabel_single_task(config_dict: dict[str, Any], relabel: dict[str, Any]) -
     return {**{k: v for k, v in config_dict.items() if k not in dropped}, "tasks": new_tasks}
 
 
-__all__ = ["TASK_OPTIONS", "TASK_TYPES", "ModSquadConfig", "task_option"]
+__all__ = ["TASK_CONDITIONINGS", "TASK_OPTIONS", "TASK_TYPES", "ModSquadConfig", "task_option"]

@@ -30,25 +30,28 @@ def pyramid_scales(patch_size: int) -> tuple[float, ...]:
     return tuple(scale for scale in PYRAMID_SCALES if patch_size / scale >= 1)
 
 
-def tokens_to_grid(hidden_state: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+def tokens_to_grid(
+    hidden_state: torch.Tensor, grid_size: tuple[int, int], num_prefix_tokens: int = NUM_PREFIX_TOKENS
+) -> torch.Tensor:
     """Drops the `[CLS]` and task tokens and lays the patch tokens out on the patch grid.
 
     Args:
-        hidden_state (`torch.Tensor` of shape `(batch_size, 2 + grid_height * grid_width, hidden_size)`):
-            one block's output.
+        hidden_state (`torch.Tensor` of shape `(batch_size, num_prefix_tokens + grid_height * grid_width,
+            hidden_size)`): one block's output.
         grid_size (`tuple[int, int]`): `(grid_height, grid_width)` of the input's patch grid.
+        num_prefix_tokens (`int`, *optional*, defaults to 2): tokens before the patches (`config.num_prefix_tokens`).
 
     Returns:
         `torch.Tensor` of shape `(batch_size, hidden_size, grid_height, grid_width)`.
     """
     batch, length, channels = hidden_state.shape
     grid_height, grid_width = grid_size
-    if length != NUM_PREFIX_TOKENS + grid_height * grid_width:
+    if length != num_prefix_tokens + grid_height * grid_width:
         raise ValueError(
             f"hidden state has {length} tokens; a {grid_height}x{grid_width} patch grid needs "
-            f"{NUM_PREFIX_TOKENS + grid_height * grid_width} ({NUM_PREFIX_TOKENS} prefix tokens + patches)"
+            f"{num_prefix_tokens + grid_height * grid_width} ({num_prefix_tokens} prefix tokens + patches)"
         )
-    patches = hidden_state[:, NUM_PREFIX_TOKENS:]
+    patches = hidden_state[:, num_prefix_tokens:]
     return patches.transpose(1, 2).reshape(batch, channels, grid_height, grid_width)
 
 
@@ -59,9 +62,9 @@ def feature_hidden_state_indices(config: ModSquadConfig, layers) -> list[int]:
 
 
 def block_tokens(backbone_output: ModSquadModelOutput, layer: int, num_hidden_layers: int) -> torch.Tensor:
-    """The output tokens of block `layer`, `(batch_size, 2 + num_patches, hidden_size)`: those of the last block
-    through the backbone's final LayerNorm (`last_hidden_state`, the same normalisation every head sees), the others
-    as the block left them (`hidden_states[layer + 1]`, which the head normalises itself)."""
+    """The output tokens of block `layer`, `(batch_size, num_prefix_tokens + num_patches, hidden_size)`: those of
+    the last block through the backbone's final LayerNorm (`last_hidden_state`, the same normalisation every head
+    sees), the others as the block left them (`hidden_states[layer + 1]`, which the head normalises itself)."""
     if layer == num_hidden_layers - 1:
         return backbone_output.last_hidden_state
     if backbone_output.hidden_states is None or backbone_output.hidden_states[layer + 1] is None:
@@ -152,6 +155,7 @@ class ModSquadFeaturePyramid(nn.Module):
         if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
         self.patch_size = config.patch_size
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.scales = pyramid_scales(config.patch_size)
         self.strides = tuple(config.patch_size / scale for scale in self.scales)
         self.out_channels = out_channels
@@ -196,7 +200,7 @@ class ModSquadFeaturePyramid(nn.Module):
             self.level_layers, self.norms, self.resamplers, self.projections
         ):
             tokens = block_tokens(backbone_output, layer, self.num_hidden_layers)
-            grid = tokens_to_grid(norm(tokens), grid_size)
+            grid = tokens_to_grid(norm(tokens), grid_size, self.num_prefix_tokens)
             levels.append(projection(resampler(grid)))
         return levels
 

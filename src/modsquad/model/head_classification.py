@@ -9,7 +9,6 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
-from .modeling_modsquad import NUM_PREFIX_TOKENS
 
 
 @dataclass
@@ -52,13 +51,14 @@ class ModSquadImageClassificationHead(TaskHead):
         super().__init__(config, task)
         self.problem_type = task["problem_type"]
         self.pooling = task.get("pooling", "cls")
+        self.num_prefix_tokens = config.num_prefix_tokens
         width = 2 * config.hidden_size if self.pooling == "cls+mean" else config.hidden_size
         self.classifier = nn.Linear(width, task["num_labels"])
 
     def forward(self, backbone_output, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return self.classifier(backbone_output.pooler_output)
-        patch_mean = backbone_output.last_hidden_state[:, NUM_PREFIX_TOKENS:].mean(dim=1)
+        patch_mean = backbone_output.last_hidden_state[:, self.num_prefix_tokens :].mean(dim=1)
         if self.pooling == "mean":
             return self.classifier(patch_mean)
         return self.classifier(torch.cat([backbone_output.pooler_output, patch_mean], dim=-1))

@@ -82,6 +82,7 @@ class DetectionNeck(nn.Module):
         self.feature_layers = list(config.feature_layers)
         self.num_hidden_layers = config.num_hidden_layers
         self.patch_size = config.patch_size
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.output_stride = output_stride
         self.norms = nn.ModuleList(feature_norm(config, layer) for layer in self.feature_layers)
         self.projection = nn.Conv2d(config.hidden_size * len(self.feature_layers), channels, kernel_size=1)
@@ -97,7 +98,11 @@ class DetectionNeck(nn.Module):
 
     def forward(self, backbone_output, grid_size: tuple[int, int]) -> torch.Tensor:
         grids = [
-            tokens_to_grid(norm(block_tokens(backbone_output, layer, self.num_hidden_layers)), grid_size)
+            tokens_to_grid(
+                norm(block_tokens(backbone_output, layer, self.num_hidden_layers)),
+                grid_size,
+                self.num_prefix_tokens,
+            )
             for layer, norm in zip(self.feature_layers, self.norms)
         ]
         features = self.projection(torch.cat(grids, dim=1))

@@ -41,7 +41,8 @@ from .moe import (
 )
 from .sorted_mm import AUTO
 
-# Tokens in front of the patches: [CLS] then the task token.
+# Tokens in front of the patches with the default `task_conditioning="token"`: [CLS] then the task token (in general:
+# `config.num_prefix_tokens`).
 NUM_PREFIX_TOKENS = 2
 
 
@@ -51,14 +52,16 @@ class ModSquadModelOutput(ModelOutput):
     Output of [`ModSquadModel`].
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 2 + num_patches, hidden_size)`):
-            Final-normed tokens: `[CLS]`, the task token, then the patches in row-major order.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`):
+            Final-normed tokens: `[CLS]`, the task token (`task_conditioning="token"`, the default), then the patches
+            in row-major order.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The final-normed `[CLS]` token.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The embeddings then the output of every block (before the final LayerNorm), each
-            `(batch_size, 2 + num_patches, hidden_size)`. `output_hidden_states=[i, ...]` keeps only those entries
-            (the others are `None`).
+            `(batch_size, num_prefix_tokens + num_patches, hidden_size)`. `output_hidden_states=[i, ...]` keeps only
+            those entries (the others are `None`). With `task_conditioning="embedding"` the task embedding a block
+            adds to its input is in none of them.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             One tensor per block, the attention probabilities `(batch_size, num_heads, sequence_length,
             sequence_length)` (computed by eager attention for that call). For a block of attention experts `num_heads` is
@@ -120,11 +123,14 @@ class ModSquadPatchEmbeddings(nn.Module):
 
 
 class ModSquadEmbeddings(nn.Module):
-    """`[CLS] + pos`, the task's learned token, then `patches + pos`; position embeddings are interpolated
-    (bicubic) for inputs of another size or aspect ratio than `config.image_size`."""
+    """`[CLS] + pos`, the task's learned token (`task_conditioning="token"`), then `patches + pos`; position
+    embeddings are interpolated (bicubic) for inputs of another size or aspect ratio than `config.image_size`. With
+    `task_conditioning="embedding"` the task's vector is not a token: the backbone adds it to every token before
+    every block ([`task_embedding`])."""
 
     def __init__(self, config: ModSquadConfig):
         super().__init__()
+        self.task_as_token = config.task_conditioning == "token"
         self.patch_size = config.patch_size
         self.grid_size = tuple(s // config.patch_size for s in config.image_size_hw)
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -152,8 +158,14 @@ class ModSquadEmbeddings(nn.Module):
         patches = self.patch_embeddings(pixel_values)
         pos = self.interpolate_pos_encoding(*grid)
         cls = (self.cls_token + pos[:, :1]).expand(batch, -1, -1)
+        if not self.task_as_token:
+            return self.dropout(torch.cat((cls, patches + pos[:, 1:]), dim=1))
         task = self.task_tokens[task_id].view(1, 1, -1).expand(batch, -1, -1)
         return self.dropout(torch.cat((cls, task, patches + pos[:, 1:]), dim=1))
+
+    def task_embedding(self, task_id: int) -> torch.Tensor:
+        """The `(1, 1, hidden_size)` vector of `task_id`, broadcast over the tokens of a batch."""
+        return self.task_tokens[task_id].view(1, 1, -1)
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -188,14 +200,15 @@ class ModSquadSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
         self.dropout = config.attention_probs_dropout_prob
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size)
 
     def forward(
         self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
@@ -294,10 +307,18 @@ class ModSquadBlock(GradientCheckpointingLayer):
         return isinstance(self.mlp, ModSquadSparseMLP)
 
     def forward(
-        self, hidden_states: torch.Tensor, task_id: int, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        task_id: int,
+        output_attentions: bool = False,
+        task_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Attention probabilities and routing decisions are recorded from the submodules' outputs by the backbone's
         # `_can_record_outputs` hooks, so the block passes on only the hidden states.
+        if task_embedding is not None:
+            # `task_conditioning="embedding"`: the task's vector is added to every token before every block. Added
+            # here rather than by the backbone, so that the recorded `hidden_states` stay the blocks' own outputs.
+            hidden_states = hidden_states + task_embedding
         attn, _ = self.attention(self.norm1(hidden_states), task_id, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.dropout(attn))
         mlp, _ = self.mlp(self.norm2(hidden_states), task_id)
@@ -384,7 +405,11 @@ class ModSquadPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             init.trunc_normal_(module.task_tokens, mean=0.0, std=std)
         elif isinstance(module, ModSquadTaskRouter):
-            init.zeros_(module.weight)
+            # Random (by default): with equal logits every token of every task would go to the same top-k experts.
+            if self.config.router_init_std > 0:
+                init.trunc_normal_(module.weight, mean=0.0, std=self.config.router_init_std)
+            else:
+                init.zeros_(module.weight)
         elif isinstance(module, ModSquadExperts):
             init.trunc_normal_(module.up_proj, mean=0.0, std=std)
             init.trunc_normal_(module.down_proj, mean=0.0, std=std)
@@ -507,6 +532,7 @@ class ModSquadModel(ModSquadPreTrainedModel):
         super().__init__(config)
         self.embeddings = ModSquadEmbeddings(config)
         moe_positions = {layer: i for i, layer in enumerate(config.moe_layer_indices)}
+        attention_positions = {layer: i for i, layer in enumerate(config.attention_moe_layer_indices)}
         attention_experts = config.attention_experts_per_layer
         expert_limits = config.routable_experts_per_layer
         attention_expert_limits = config.routable_attention_experts_per_layer
@@ -515,18 +541,18 @@ class ModSquadModel(ModSquadPreTrainedModel):
         drop_rates = [config.drop_path_rate * layer / last for layer in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList()
         for layer in range(config.num_hidden_layers):
-            moe_pos = moe_positions.get(layer)
+            moe_pos, attention_pos = moe_positions.get(layer), attention_positions.get(layer)
             self.layers.append(
                 ModSquadBlock(
                     config,
                     drop_path=drop_rates[layer],
                     num_experts=config.experts_per_layer[moe_pos] if moe_pos is not None else None,
-                    num_attention_experts=attention_experts[moe_pos]
-                    if moe_pos is not None and attention_experts
+                    num_attention_experts=attention_experts[attention_pos]
+                    if attention_pos is not None
                     else None,
                     expert_limits=expert_limits[moe_pos] if moe_pos is not None else None,
-                    attention_expert_limits=attention_expert_limits[moe_pos]
-                    if moe_pos is not None and attention_experts
+                    attention_expert_limits=attention_expert_limits[attention_pos]
+                    if attention_pos is not None
                     else None,
                 )
             )
@@ -602,8 +628,11 @@ class ModSquadModel(ModSquadPreTrainedModel):
         # `hidden_states` are the blocks' outputs before the final LayerNorm (as in ViT), hence no tying.
         output_attentions = bool(kwargs.get("output_attentions", self.config.output_attentions))
         hidden_states = self.embeddings(pixel_values, task_id)
+        task_embedding = None
+        if self.config.task_conditioning == "embedding":
+            task_embedding = self.embeddings.task_embedding(task_id)
         for block in self.layers:
-            hidden_states = block(hidden_states, task_id, output_attentions)
+            hidden_states = block(hidden_states, task_id, output_attentions, task_embedding)
         sequence_output = self.layernorm(hidden_states)
         return ModSquadModelOutput(
             last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0], task_id=task_id

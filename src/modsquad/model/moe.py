@@ -42,9 +42,10 @@ class RouterOutput(NamedTuple):
 
 
 class ModSquadTaskRouter(nn.Module):
-    """One zero-initialised linear router per task, stored as a `[num_tasks, num_experts, hidden]` parameter.
+    """One linear router per task, stored as a `[num_tasks, num_experts, hidden]` parameter.
 
-    Zero init makes every task start from uniform routing; noise (training only) breaks the ties.
+    Initialised small and random (`config.router_init_std`), so tokens spread over experts from the first step; at
+    zero every token would pick the same top-k experts until gradients or noise (training only) break the tie.
 
     Args:
         config ([`ModSquadConfig`]): model configuration.
@@ -141,8 +142,10 @@ class ModSquadSparseMLP(nn.Module):
 
 
 class ModSquadAttentionExperts(nn.Module):
-    """Mixture of attention experts (Mod-Squad / MoA): each expert owns a query and an output projection, every
-    expert shares one key and one value projection; each token attends through its top-k experts.
+    """Mixture of attention experts (Mod-Squad / MoA): each expert owns a query and an output projection of
+    `attention_expert_heads` heads of `head_dim`, every expert shares one key and one value projection of as many
+    heads; each token attends through its top-k experts. With one head per expert (the default) this is the
+    reference's shape: every token's k expert queries attend over a single shared key/value head.
 
     The queries of the k chosen experts of a token become k query heads per key/value head (as in grouped-query
     attention), so the attention itself goes through Transformers' attention interface unchanged.
@@ -156,7 +159,7 @@ class ModSquadAttentionExperts(nn.Module):
         self.num_experts = num_experts
         self.top_k = config.attention_experts_per_tok
         self.num_heads = config.attention_expert_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
         self.dropout = config.attention_probs_dropout_prob

@@ -18,7 +18,7 @@ import torch
 
 from ..model.configuration_modsquad import ModSquadConfig
 from ..model.modeling_heads import ModSquadForTask, task_head_class
-from .usage import ExpertUsage, RouterSlot, pixel_batches, router_layout
+from .usage import ExpertUsage, RouterSlot, pixel_batches, router_layout, router_positions
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +235,10 @@ def prune_for_task(
         "mlp": [limits[task_id] for limits in config.routable_experts_per_layer],
         "attention": [limits[task_id] for limits in config.routable_attention_experts_per_layer],
     }
-    position = {block: i for i, block in enumerate(config.moe_layer_indices)}
+    position = router_positions(config)
     kept = []
     for slot, router in zip(layout, usage.routers):
-        limit = routable[slot.kind][position[slot.block]]
+        limit = routable[slot.kind][position[slot.kind][slot.block]]
         floor = min(limit, min_experts if min_experts is not None else top_k[slot.kind])
         try:
             kept.append(select_experts(router.counts, threshold, floor, limit))
@@ -281,7 +281,7 @@ def _original_indices(indices: torch.Tensor, kept: list[int] | None) -> torch.Te
 def kept_experts_per_router(config: ModSquadConfig) -> list[list[int] | None]:
     """Per router ([`router_layout`] order), the original experts a pruned model kept; None for unpruned routers."""
     mlp = iter(config.pruned_experts or [None] * len(config.moe_layer_indices))
-    attention = iter(config.pruned_attention_experts or [None] * len(config.moe_layer_indices))
+    attention = iter(config.pruned_attention_experts or [None] * len(config.attention_moe_layer_indices))
     return [next(attention) if s.kind == "attention" else next(mlp) for s in router_layout(config)]
 
 

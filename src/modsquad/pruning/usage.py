@@ -31,14 +31,26 @@ class RouterSlot:
 
 
 def router_layout(config: ModSquadConfig) -> list[RouterSlot]:
-    """The routers of a model, in the order of its outputs' `router_probs` / `expert_indices`."""
+    """The routers of a model, in the order of its outputs' `router_probs` / `expert_indices`: block by block, a
+    block's attention router (if it has attention experts) before its MLP router (if it has MLP experts)."""
     slots = []
-    attention_counts = config.attention_experts_per_layer
-    for position, block in enumerate(config.moe_layer_indices):
-        if attention_counts:
-            slots.append(RouterSlot(block, "attention", attention_counts[position]))
-        slots.append(RouterSlot(block, "mlp", config.experts_per_layer[position]))
+    mlp_counts = dict(zip(config.moe_layer_indices, config.experts_per_layer))
+    attention_counts = dict(zip(config.attention_moe_layer_indices, config.attention_experts_per_layer))
+    for block in sorted(set(mlp_counts) | set(attention_counts)):
+        if block in attention_counts:
+            slots.append(RouterSlot(block, "attention", attention_counts[block]))
+        if block in mlp_counts:
+            slots.append(RouterSlot(block, "mlp", mlp_counts[block]))
     return slots
+
+
+def router_positions(config: ModSquadConfig) -> dict[str, dict[int, int]]:
+    """Per router kind (`"mlp"`, `"attention"`), block index -> position in that kind's per-block config lists
+    (`experts_per_layer` / `attention_experts_per_layer`, `pruned_experts` / `pruned_attention_experts`, ...)."""
+    return {
+        "mlp": {block: i for i, block in enumerate(config.moe_layer_indices)},
+        "attention": {block: i for i, block in enumerate(config.attention_moe_layer_indices)},
+    }
 
 
 @dataclass

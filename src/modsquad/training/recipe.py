@@ -74,6 +74,7 @@ def parse_yaml(text: str):
 # A recipe value that an override must replace (OmegaConf's MISSING).
 REQUIRED = "???"
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+MI_ESTIMATORS = ("step", "streaming")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 UPCYCLING_OPTIONS = ("mode", "router_init_std")
 
@@ -294,6 +295,13 @@ class OptimizationRecipe:
         max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping norm (`0` or `null`: no clipping).
         loss_weighting (`str`, *optional*, defaults to `"fixed"`): `"fixed"` (the tasks' `loss_weight`) or
             `"uncertainty"` (Kendall et al.: learned log-variances).
+        mi_estimator (`str`, *optional*, defaults to `"step"`): statistics of the mutual-information loss.
+            `"step"`: exact, over the task micro-batches of one micro-step (zero for single-task steps);
+            `"streaming"`: a running estimate over recent steps that each micro-batch differentiates through its own
+            share (`StreamingRoutingStatistics`): a signal for every step whatever the sampler, and needed for
+            `training.one_task_at_a_time`.
+        mi_horizon (`float`, *optional*, defaults to 10.0): observations of a task the streaming estimate averages
+            over (EMA horizon; `>= 1`).
     """
 
     learning_rate: float = 1e-3
@@ -306,8 +314,15 @@ class OptimizationRecipe:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     loss_weighting: str = "fixed"
+    mi_estimator: str = "step"
+    mi_horizon: float = 10.0
 
     def __post_init__(self):
+        if self.mi_estimator not in MI_ESTIMATORS:
+            raise ValueError(
+                f"optimization.mi_estimator={self.mi_estimator!r}; accepted: {list(MI_ESTIMATORS)}"
+            )
+        check_number("optimization.mi_horizon", self.mi_horizon, minimum=1)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(
                 f"optimization.loss_weighting={self.loss_weighting!r}; accepted: {list(LOSS_WEIGHTINGS)}"
@@ -376,6 +391,10 @@ class LoopRecipe:
             annotations out of range); each is replaced by the next readable row and reported with its row index.
             One more stops the run with the first errors. `0` makes every bad row fatal. Ten bad rows in a row stop
             the run at once (the dataset or its options are wrong, not a row).
+        one_task_at_a_time (`bool`, *optional*, defaults to `False`): run each task micro-batch's forward and
+            backward on its own (gradients accumulate, the optimizer steps once per step), so that the activations
+            of one task batch are alive at a time instead of those of every task of the step. Needs
+            `optimization.mi_estimator: streaming`.
     """
 
     max_steps: int | None = None
@@ -395,6 +414,7 @@ class LoopRecipe:
     save_final_model: bool = True
     max_minutes: float | None = None
     max_bad_rows: int = 100
+    one_task_at_a_time: bool = False
 
     def __post_init__(self):
         check_number(
@@ -414,10 +434,15 @@ class LoopRecipe:
             check_number(f"training.{key}", getattr(self, key), minimum=1, integer=True)
         for key in ("eval_every", "save_every", "num_workers", "max_bad_rows"):
             check_number(f"training.{key}", getattr(self, key), minimum=0, integer=True)
-        for key in ("cpu", "eval_at_end", "save_final_model"):
+        for key in ("cpu", "eval_at_end", "save_final_model", "one_task_at_a_time"):
             check_bool(f"training.{key}", getattr(self, key))
         if self.find_unused_parameters is not None:
             check_bool("training.find_unused_parameters", self.find_unused_parameters)
+        if self.one_task_at_a_time and self.find_unused_parameters is False:
+            raise ValueError(
+                "training.find_unused_parameters=false contradicts one_task_at_a_time=true: each forward leaves the "
+                "other tasks' heads unused; accepted: true or null"
+            )
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(
                 f"training.mixed_precision={self.mixed_precision!r}; accepted: {list(MIXED_PRECISIONS)} (or leave "
@@ -477,6 +502,12 @@ class TrainingRecipe:
             raise ValueError(f"task names must be unique, got {names}")
         if self.mixing.tasks_per_step is not None and self.mixing.strategy == "simt":
             raise ValueError("mixing.tasks_per_step applies to the sampling strategies, not to 'simt'")
+        if self.training.one_task_at_a_time and self.optimization.mi_estimator != "streaming":
+            raise ValueError(
+                "training.one_task_at_a_time needs optimization.mi_estimator='streaming': the per-step estimator's "
+                f"gradient needs every task of the step in one graph (got mi_estimator={self.optimization.mi_estimator!r}"
+                "; accepted with one task at a time: ['streaming'])"
+            )
 
     @property
     def task_names(self) -> list[str]:

@@ -4,8 +4,10 @@
 `clip_grad_norm_`, `save_state` all appear in one function. One optimizer step is `gradient_accumulation_steps`
 multi-task micro-steps; one micro-step is ONE forward of a [`MultiTaskStep`] over every task micro-batch the mixer
 gives (all tasks under `simt`), then ONE backward of weighted task losses + auxiliary losses + the mutual-information
-loss of that micro-step, whose routing statistics are all-reduced across processes. The MI window is therefore one
-micro-step; accumulation adds independent micro-steps.
+loss, whose routing statistics are all-reduced across processes. With the per-step estimator the MI window is one
+micro-step (accumulation adds independent micro-steps); with the streaming one (`optimization.mi_estimator:
+streaming`) it spans recent steps, and `training.one_task_at_a_time` runs one forward and backward per task
+micro-batch instead (DDP reduces gradients in the last backward of the optimizer step only).
 
 After the first steps the loop prints how long training has left; with a time budget (`training.max_minutes`,
 `--max-minutes`) it fits the learning-rate schedule to the steps that fit and stops at the budget, decided on the
@@ -16,6 +18,7 @@ Run it with `modsquad train --config recipe.yaml` or `accelerate launch training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -69,7 +72,13 @@ from .checkpointing import (
 )
 from .param_groups import group_learning_rates, learning_rate_groups
 from .recipe import TrainingRecipe
-from .step import MultiTaskStep, MultiTaskStepOutput, TaskLossWeighting
+from .step import (
+    MultiTaskStep,
+    MultiTaskStepOutput,
+    StreamingRoutingStatistics,
+    TaskLossWeighting,
+    merge_step_outputs,
+)
 from .task_data import TaskData
 from .tracking import CSVTracker, trackers_to_log_with
 
@@ -364,13 +373,14 @@ def build_accelerator(recipe: TrainingRecipe, model: ModSquadForMultiTask | None
     cpu = use_cpu(loop.cpu)
     find_unused = loop.find_unused_parameters
     if find_unused is None:
-        # Sampling strategies may leave a task, hence its head, out of a step; and when every head is a dense one
-        # that reads intermediate blocks only, the backbone's final norm is never used: let DDP skip them.
+        # Sampling strategies may leave a task, hence its head, out of a step; one task graph at a time leaves every
+        # other head out of each forward; and when every head is a dense one that reads intermediate blocks only,
+        # the backbone's final norm is never used: let DDP skip them.
         final_norm_unused = model is not None and not any(
             not head.hidden_state_indices or model.config.num_hidden_layers - 1 in model.config.feature_layers
             for head in model.heads.values()
         )
-        find_unused = recipe.mixing.strategy != "simt" or final_norm_unused
+        find_unused = recipe.mixing.strategy != "simt" or loop.one_task_at_a_time or final_norm_unused
     return Accelerator(
         cpu=cpu,
         mixed_precision=resolve_mixed_precision(loop.mixed_precision, cpu),
@@ -448,6 +458,43 @@ def evaluate_tasks(model: ModSquadForMultiTask, tasks: list[TaskData], accelerat
             )
     model.train(was_training)
     return results
+
+
+def forward_backward(
+    accelerator: Accelerator,
+    step_module: torch.nn.Module,
+    micro_batches: list[tuple[str, Any]],
+    one_task_at_a_time: bool = False,
+) -> MultiTaskStepOutput:
+    """The forward and backward of one micro-step: one graph over every task micro-batch, or one per micro-batch.
+
+    One task at a time, DDP must not reduce gradients after each task's backward: all backward passes but the last
+    run under `no_sync` (inside `accelerator.accumulate`, which already suppresses the reduction of every micro-step
+    but the last of an optimizer step), so gradients accumulate locally and are reduced once.
+
+    Args:
+        accelerator (`Accelerator`): the run's accelerator.
+        step_module: the prepared [`MultiTaskStep`].
+        micro_batches (`list[tuple[str, Any]]`): `(task, batch)` pairs of the micro-step, on the device.
+        one_task_at_a_time (`bool`, *optional*, defaults to `False`): one forward and backward per micro-batch (the
+            step module must use the streaming estimator).
+
+    Returns:
+        [`MultiTaskStepOutput`] of the micro-step (merged over its forwards, without `loss`, one task at a time).
+    """
+    if not one_task_at_a_time:
+        out = step_module(micro_batches)
+        accelerator.backward(out.loss)
+        return out
+    outputs = []
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(step_module):
+            out = step_module([micro_batch])
+            accelerator.backward(out.loss)
+        out["loss"] = None  # the graph is spent; keep only the statistics
+        outputs.append(out)
+    return merge_step_outputs(outputs)
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -556,7 +603,14 @@ def train(
     weighting = TaskLossWeighting(
         model.config.task_names, [t.loss_weight for t in tasks], optim.loss_weighting
     )
-    step_module = MultiTaskStep(model, weighting, world_size=accelerator.num_processes)
+    routing_estimate = None
+    if optim.mi_estimator == "streaming":
+        # Micro-batches of each task per step on average (1 each under simt), what the estimator divides out.
+        rates = [p * mixer.tasks_per_step for p in mixer.probabilities]
+        routing_estimate = StreamingRoutingStatistics(model.config.num_tasks, optim.mi_horizon, rates)
+    step_module = MultiTaskStep(
+        model, weighting, world_size=accelerator.num_processes, routing_estimate=routing_estimate
+    )
     optimizer = build_optimizer(
         step_module,
         optim.learning_rate,
@@ -580,6 +634,9 @@ def train(
     loop_state.register("trainer_state", state)
     loop_state.register("lr_scheduler", scheduler)
     loop_state.register("mixer", mixer)
+    if routing_estimate is not None:
+        # The streaming mutual-information estimate spans steps: without it a resumed run would restart it empty.
+        loop_state.register("routing_estimate", routing_estimate)
 
     log_path = output_dir / TRAINING_LOG
     # Every process decides from the folder as it is, before anything is written to it.
@@ -660,16 +717,15 @@ def train(
                 micro_batches = next_micro_batches(accelerator, mixer, state, loop.max_bad_rows, process_tag)
                 micro_batches = send_to_device(micro_batches, accelerator.device)
                 with accelerator.accumulate(step_module):
-                    out = step_module(micro_batches)
-                    accelerator.backward(out.loss)
+                    out = forward_backward(accelerator, step_module, micro_batches, loop.one_task_at_a_time)
                     if accelerator.sync_gradients and optim.max_grad_norm:
                         sums.grad_norm = accelerator.clip_grad_norm_(
                             step_module.parameters(), optim.max_grad_norm
                         )
                     optimizer.step()
                     optimizer.zero_grad()
-                # Report the loss as defined: MI at its coefficient, not the world-size-scaled copy fed to backward.
-                sums.add(out, out.loss.detach() - (accelerator.num_processes - 1) * coef * out.mi_loss)
+                # Report the loss as defined: MI at its coefficient, not the world-size-scaled term fed to backward.
+                sums.add(out, out.weighted_loss + coef * out.mi_loss)
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.step += 1
@@ -864,6 +920,7 @@ __all__ = [
     "build_optimizer",
     "describe_groups",
     "evaluate_tasks",
+    "forward_backward",
     "parameter_digest",
     "resolve_gradient_accumulation",
     "resolve_mixed_precision",
