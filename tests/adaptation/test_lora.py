@@ -123,6 +123,7 @@ def test_lora_reaches_attention_experts_and_head_of_every_model(make_model):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")
 def test_adapter_training_lowers_the_loss_and_never_touches_the_base(tmp_path, pruned_model):
     model = pruned_model()

@@ -52,6 +52,7 @@ def test_evaluation_shows_a_progress_bar_of_the_images(tiny_config, capsys, smal
     assert "evaluate cls" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pruning_shows_progress_and_titles_say_which_data(
     tmp_path, monkeypatch, capsys, small_tasks, make_run_folder, pixel_loader
 ):
@@ -91,6 +92,7 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path, monkeypatch, small_ta
     assert push_run(tmp_path, "org/name", dry_run=True)  # a dry run needs no token
 
 
+@pytest.mark.slow
 def test_push_shows_a_progress_bar_of_the_repos(
     tmp_path, monkeypatch, capsys, small_tasks, make_run_folder, pixel_loader
 ):

@@ -6,11 +6,14 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
 from modsquad import ModSquadForMultiTask, ModSquadImageProcessor, collect_expert_usage, prune_for_task
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
@@ -60,6 +61,7 @@ def test_model_index_holds_only_defined_summary_metrics(
     assert validate_card(str(card)) == []
 
 
+@pytest.mark.slow
 def test_upcycled_model_declares_finetune_and_pruned_models_only_their_parent(
     tmp_path, small_tasks, validate_card, make_run_folder, pixel_loader
 ):
@@ -74,6 +76,7 @@ def test_upcycled_model_declares_finetune_and_pruned_models_only_their_parent(
     assert all(validate_card(str(card)) == [] for card in cards.values())
 
 
+@pytest.mark.slow
 def test_cards_show_an_example_of_the_tasks_own_data_in_the_widget(
     tmp_path, small_tasks, validate_card, make_run_folder, pixel_loader
 ):

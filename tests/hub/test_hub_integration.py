@@ -149,6 +149,7 @@ _BLOCK_MODSQUAD = """
 """
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_the_package(saved_classifier, tmp_path):
     source, model = saved_classifier
     folder = tmp_path / "elsewhere" / "tiny-modsquad"
@@ -214,6 +215,7 @@ def _build_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
     return commit
 
 
+@pytest.mark.slow
 def test_from_pretrained_by_repo_id_from_local_hub_cache(saved_classifier, tmp_path):
     source, model = saved_classifier
     cache = tmp_path / "hub"

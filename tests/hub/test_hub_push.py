@@ -12,10 +12,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmentation
 from modsquad.pruning.run import prune_run
+
+pytestmark = pytest.mark.slow  # round trips through the local Hub server
 
 REPO = "org/modsquad-tiny"
 SUBPROCESS_TIMEOUT_S = 300

@@ -35,6 +35,7 @@ def pruned_run(tmp_path_factory, fresh_tasks, make_run_folder, pixel_loader):
     return root, prune_run(root, loaders)
 
 
+@pytest.mark.slow
 def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run, specialised_experts):
     root, rows = pruned_run
     assert [row["task"] for row in rows] == ["cls", "seg"]
@@ -56,6 +57,7 @@ def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run, speci
     assert table.splitlines()[0].split()[:3] == ["task", "experts", "kept"] and "seg" in table
 
 
+@pytest.mark.slow
 def test_card_metadata_is_complete_and_valid(pruned_run, tmp_path, validate_card):
     root, _ = pruned_run
     cards = render_run_cards(RunFolder.open(root), repo_id=REPO, base_model="facebook/dinov2-small")
@@ -87,6 +89,7 @@ def test_card_metadata_is_complete_and_valid(pruned_run, tmp_path, validate_card
     assert "pruned" in ModelCard.load(tmp_path / "seg.md").data.tags
 
 
+@pytest.mark.slow
 def test_card_text_tells_what_was_kept_and_how_to_use_it(pruned_run, specialised_experts):
     root, rows = pruned_run
     cards = render_run_cards(RunFolder.open(root), repo_id=REPO)
@@ -122,6 +125,7 @@ def _shapes_dataset(folder, labels: list[str], rows: int = 6) -> None:
     DatasetDict({"validation": split}).save_to_disk(folder)
 
 
+@pytest.mark.slow
 def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(
     tmp_path, capsys, small_tasks, make_run_folder
 ):
@@ -137,6 +141,7 @@ def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(
     assert not (tmp_path / "run" / "tasks" / "seg").exists()
 
 
+@pytest.mark.slow
 def test_prune_from_training_ema_then_inspect_and_dry_run_push(
     tmp_path, capsys, small_tasks, make_run_folder
 ):

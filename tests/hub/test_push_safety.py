@@ -12,6 +12,8 @@ from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmenta
 from modsquad.cli import main
 from modsquad.hub.push import PushError, code_files, plan_folder, push_run
 
+pytestmark = pytest.mark.slow  # round trips through the local Hub server
+
 
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory, fresh_tasks, make_run_folder, specialised_model):

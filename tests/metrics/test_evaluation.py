@@ -86,6 +86,7 @@ def test_evaluate_cli_classification_accuracy_matches_the_models_predictions(tmp
     assert report["metrics"]["accuracy"] == 1.0 and report["num_samples"] == 3
 
 
+@pytest.mark.slow
 def test_multitask_model_evaluates_like_the_single_task_model(multitask_checkpoint):
     dataset = datasets.Dataset.from_dict({"image": _images(1)[:4], "label": [0, 1, 2, 0]})
     multitask = ModSquadForMultiTask.from_pretrained(multitask_checkpoint)
@@ -100,6 +101,7 @@ def test_multitask_model_evaluates_like_the_single_task_model(multitask_checkpoi
 
 
 # ------------------------------------------------------------------------------------------------ dense tasks
+@pytest.mark.slow
 def test_evaluate_cli_segmentation_scores_at_the_original_size(multitask_checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(2)
     images = _images(2, SIZES[:3])

@@ -148,6 +148,7 @@ def _all_reduce_worker(rank: int, world_size: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_across_two_processes_matches_single_process(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 

@@ -122,6 +122,7 @@ def _pattern_dataset(per_class: int = 8, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.stack(images), torch.tensor(labels)
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_three_visual_classes(tiny_config):
     images, labels = _pattern_dataset()
     model = ModSquadForImageClassification(tiny_config())

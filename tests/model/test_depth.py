@@ -158,6 +158,7 @@ def test_post_process_depth_estimation_sizes():
         processor.post_process_depth_estimation(outputs, target_sizes=[(4, 4)] * 3)
 
 
+@pytest.mark.slow
 def test_learns_synthetic_depth(one_thread, depth_task, tiny_config, bright_shapes):
     pixel_values, labels = shapes_depth_dataset(bright_shapes, num_images=8)
     # The scene spans 1.5-5 m: a max_depth near that range is what a user would set, and it learns faster than 10.

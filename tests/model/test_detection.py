@@ -337,6 +337,7 @@ def test_a_saved_folder_ships_the_modules_the_head_imports(det_task, tiny_config
 
 
 # --------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_tiny_model_learns_to_find_the_boxes(trained):
     model, processor, _, annotations, batch = trained
     with torch.no_grad():
@@ -346,6 +347,7 @@ def test_tiny_model_learns_to_find_the_boxes(trained):
     assert ap50 > 0.9, f"AP50={ap50:.3f} (AP={ap:.3f})"
 
 
+@pytest.mark.slow
 def test_stock_pipeline_on_a_saved_folder(trained, tmp_path):
     model, processor, images, annotations, _ = trained
     model.save_pretrained(tmp_path)

@@ -136,6 +136,7 @@ def test_post_process_resizes_then_takes_argmax():
         processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4), (4, 0)])
 
 
+@pytest.mark.slow
 def test_learns_to_segment_shapes(one_thread, seg_task, tiny_config, bright_shapes):
     pixel_values, masks = shapes_dataset(bright_shapes, num_images=8)
     model = ModSquadForSemanticSegmentation(tiny_config([dict(seg_task, decoder_channels=32)]))

@@ -138,6 +138,7 @@ def test_uncertainty_weighting_learns_log_variances():
 
 
 # ---------------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_short_run_reduces_the_loss(tmp_path, tiny_config):
     torch.manual_seed(0)
     model = ModSquadForMultiTask(tiny_config(TWO_TASKS))
@@ -161,6 +162,7 @@ def test_short_run_reduces_the_loss(tmp_path, tiny_config):
     assert sum(usage["colour"][0]) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, tiny_config):
     """6 steps straight vs. SIGTERM during step 3 (checkpoint, exit) + `resume="latest"`: the same per-step losses.
 
