@@ -5,7 +5,7 @@ repos: repo creation, README metadata validation, repo info and file tree, pre-u
 inline: the LFS/Xet upload path is not covered, so test files stay small), NDJSON commits, and HEAD/GET of
 `/<repo>/resolve/<revision>/<path>` with the `X-Repo-Commit`, `ETag` and `X-Error-Code` headers clients rely on.
 
-Usage:
+Tests use it through the fixtures of tests/hub/conftest.py (`hub`, `hub_api`, `validate_card`); directly:
 
 ```python
 with running_hub(token="hf_test") as hub:

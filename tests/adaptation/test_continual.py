@@ -6,26 +6,31 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageClassification
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadModel
 from modsquad.adaptation.continual import add_task, merge_added_task
 from modsquad.pruning.prune import prune_for_task
 from modsquad.pruning.usage import collect_expert_usage
 
 NEW_TASK = {"name": "shapes", "type": "image-classification", "labels": ["a", "b", "c", "d"]}
-# Two old tasks with light heads: what must not change is the shared backbone.
-OLD_TASK_ENTRIES = [ALL_TASKS[0], {"name": "tags", "type": "image-classification", "num_labels": 5}]
 OLD_TASKS = ["cls", "tags"]
 
 
-def trained_model(**overrides) -> ModSquadForMultiTask:
-    """A two-task model whose routers are no longer at their (all-tied) zero initialisation."""
-    model = ModSquadForMultiTask(tiny_config(tasks=OLD_TASK_ENTRIES, **overrides)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "router" in name:
-                parameter.normal_(0.0, 1.0)
-    return model
+@pytest.fixture(name="trained_model")
+def trained_model_fixture(tiny_config, all_tasks):
+    """The factory `trained_model(**overrides)`: a two-task model (tasks `OLD_TASKS`) whose routers are no longer at
+    their (all-tied) zero initialisation."""
+    # Two old tasks with light heads: what must not change is the shared backbone.
+    old_task_entries = [all_tasks[0], {"name": "tags", "type": "image-classification", "num_labels": 5}]
+
+    def trained_model(**overrides) -> ModSquadForMultiTask:
+        model = ModSquadForMultiTask(tiny_config(tasks=old_task_entries, **overrides)).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "router" in name:
+                    parameter.normal_(0.0, 1.0)
+        return model
+
+    return trained_model
 
 
 def old_outputs(model, pixel_values) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -67,7 +72,7 @@ def train_new_task(model, steps: int = 8) -> list[float]:
 
 
 @pytest.mark.parametrize("moe_attention", [False, True], ids=["mlp-experts", "attention-experts"])
-def test_training_a_new_task_leaves_old_tasks_bit_identical(moe_attention):
+def test_training_a_new_task_leaves_old_tasks_bit_identical(moe_attention, trained_model):
     model = trained_model(moe_attention=moe_attention)
     pixel_values = torch.randn(2, 3, 32, 32)
     before = old_outputs(model, pixel_values)
@@ -89,7 +94,7 @@ def test_training_a_new_task_leaves_old_tasks_bit_identical(moe_attention):
     assert not torch.equal(state["modsquad.layers.1.mlp.experts.up_proj"][4:], torch.zeros(2, 32, 64))
 
 
-def test_old_tasks_never_route_to_new_experts_and_the_new_task_does():
+def test_old_tasks_never_route_to_new_experts_and_the_new_task_does(trained_model):
     model = trained_model()
     add_task(model, NEW_TASK, new_experts=3)
     pixel_values = torch.randn(4, 3, 32, 32)
@@ -104,7 +109,7 @@ def test_old_tasks_never_route_to_new_experts_and_the_new_task_does():
     assert [t.get("routable_experts") for t in model.config.tasks] == [4, 4, None]
 
 
-def test_only_the_new_rows_experts_token_and_head_train():
+def test_only_the_new_rows_experts_token_and_head_train(trained_model):
     model = trained_model()
     add_task(model, NEW_TASK, new_experts=2)
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -115,7 +120,7 @@ def test_only_the_new_rows_experts_token_and_head_train():
     assert not any(name.startswith(("heads.cls.", "heads.seg.")) for name in trainable)
 
 
-def test_grown_model_saves_and_loads_like_any_other(tmp_path):
+def test_grown_model_saves_and_loads_like_any_other(tmp_path, trained_model):
     model = trained_model()
     add_task(model, NEW_TASK, new_experts=2)
     train_new_task(model, steps=2)
@@ -139,7 +144,7 @@ def test_grown_model_saves_and_loads_like_any_other(tmp_path):
     assert isinstance(AutoModel.from_pretrained(tmp_path), ModSquadModel)
 
 
-def test_grown_model_resumes_from_a_grown_state_dict():
+def test_grown_model_resumes_from_a_grown_state_dict(trained_model):
     # What resuming a new-task run does: a freshly grown model loads the state dict of one that trained a while.
     model = trained_model()
     add_task(model, NEW_TASK, new_experts=2)
@@ -151,7 +156,7 @@ def test_grown_model_resumes_from_a_grown_state_dict():
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
 
 
-def test_merge_and_grow_again():
+def test_merge_and_grow_again(trained_model):
     model = trained_model()
     pixel_values = torch.randn(2, 3, 32, 32)
     before = old_outputs(model, pixel_values)
@@ -170,7 +175,7 @@ def test_merge_and_grow_again():
     assert_identical(old_outputs(model, pixel_values), before)
 
 
-def test_backbone_alone_and_zero_new_experts():
+def test_backbone_alone_and_zero_new_experts(tiny_config):
     backbone = ModSquadModel(tiny_config()).eval()
     add_task(backbone, NEW_TASK, new_experts=0)
     assert backbone.config.num_experts == 4
@@ -178,7 +183,7 @@ def test_backbone_alone_and_zero_new_experts():
     assert backbone(torch.randn(1, 3, 32, 32), task="shapes").last_hidden_state.shape == (1, 18, 64)
 
 
-def test_bad_arguments_are_rejected():
+def test_bad_arguments_are_rejected(tiny_config, trained_model):
     with pytest.raises(ValueError, match=r"ModSquadForMultiTask\.from_pretrained"):
         add_task(ModSquadForImageClassification(tiny_config()), NEW_TASK)
     model = trained_model()
@@ -193,20 +198,20 @@ def test_bad_arguments_are_rejected():
     assert all(parameter.requires_grad for parameter in model.parameters())
 
 
-def test_routable_experts_is_validated_and_survives_a_config_round_trip():
-    tasks = [{**ALL_TASKS[0], "routable_experts": [3, 4]}, NEW_TASK]
+def test_routable_experts_is_validated_and_survives_a_config_round_trip(all_tasks, tiny_config):
+    tasks = [{**all_tasks[0], "routable_experts": [3, 4]}, NEW_TASK]
     config = tiny_config(tasks=tasks, num_experts=[5, 4])
     assert config.routable_experts_per_layer == [[3, 5], [4, 4]]
     assert type(config).from_dict(config.to_dict()).routable_experts_per_layer == [[3, 5], [4, 4]]
     with pytest.raises(ValueError, match=r"routable_experts=\[3, 5\] must lie between"):
-        tiny_config(tasks=[{**ALL_TASKS[0], "routable_experts": [3, 5]}], num_experts=[5, 4])
+        tiny_config(tasks=[{**all_tasks[0], "routable_experts": [3, 5]}], num_experts=[5, 4])
     with pytest.raises(ValueError, match="must lie between the experts per token"):
-        tiny_config(tasks=[{**ALL_TASKS[0], "routable_experts": 1}])
+        tiny_config(tasks=[{**all_tasks[0], "routable_experts": 1}])
     with pytest.raises(ValueError, match="has no such experts"):
-        tiny_config(tasks=[{**ALL_TASKS[0], "routable_attention_experts": 2}])
+        tiny_config(tasks=[{**all_tasks[0], "routable_attention_experts": 2}])
 
 
-def test_pruned_models_grow_and_grown_models_prune(tmp_path):
+def test_pruned_models_grow_and_grown_models_prune(tmp_path, trained_model):
     calibration = [torch.randn(4, 3, 32, 32)]
     model = trained_model()
     pruned = prune_for_task(model, "cls", collect_expert_usage(model, calibration, task="cls"))

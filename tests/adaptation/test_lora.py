@@ -8,7 +8,6 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils import ModulesToSaveWrapper
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import (
     ModSquadForDepthEstimation,
     ModSquadForImageClassification,
@@ -23,29 +22,50 @@ from modsquad.pruning.usage import collect_expert_usage
 PETS = {"name": "pets", "type": "image-classification", "labels": ["cat", "dog", "fish"]}
 
 
-def pruned_model(moe_attention: bool = False) -> ModSquadForImageClassification:
-    """A task model cut out of a two-task model by `prune_for_task`: one task, fewer experts in each MoE block."""
-    extra = dict(moe_attention=True) if moe_attention else {}
-    parent = ModSquadForMultiTask(tiny_config(tasks=[ALL_TASKS[0], PETS], num_experts=6, **extra)).eval()
-    with torch.no_grad():
-        for name, parameter in parent.named_parameters():
-            if "router" in name:
-                parameter.normal_(0.0, 1.0)
-    usage = collect_expert_usage(parent, [torch.randn(4, 3, 32, 32)], task="pets")
-    model = prune_for_task(parent, "pets", usage, threshold=0.16)
-    assert sum(model.config.experts_per_layer) < 12  # something was cut
-    return model.eval()
+@pytest.fixture(name="pruned_model")
+def pruned_model_fixture(tiny_config, all_tasks):
+    """The factory `pruned_model(moe_attention=False)`: a task model cut out of a two-task model by
+    `prune_for_task`: one task, fewer experts in each MoE block."""
+
+    def pruned_model(moe_attention: bool = False) -> ModSquadForImageClassification:
+        extra = dict(moe_attention=True) if moe_attention else {}
+        parent = ModSquadForMultiTask(tiny_config(tasks=[all_tasks[0], PETS], num_experts=6, **extra)).eval()
+        with torch.no_grad():
+            for name, parameter in parent.named_parameters():
+                if "router" in name:
+                    parameter.normal_(0.0, 1.0)
+        usage = collect_expert_usage(parent, [torch.randn(4, 3, 32, 32)], task="pets")
+        model = prune_for_task(parent, "pets", usage, threshold=0.16)
+        assert sum(model.config.experts_per_layer) < 12  # something was cut
+        return model.eval()
+
+    return pruned_model
 
 
-MODELS = {
-    "classification": lambda: ModSquadForImageClassification(tiny_config()),
-    "segmentation": lambda: ModSquadForSemanticSegmentation(tiny_config(tasks=[ALL_TASKS[1]])),
-    "detection": lambda: ModSquadForObjectDetection(tiny_config(tasks=[ALL_TASKS[2]])),
-    "depth": lambda: ModSquadForDepthEstimation(tiny_config(tasks=[ALL_TASKS[3]])),
-    "multitask": lambda: ModSquadForMultiTask(tiny_config(tasks=[ALL_TASKS[0], ALL_TASKS[3]])),
-    "pruned": pruned_model,
-    "pruned-attention-experts": lambda: pruned_model(moe_attention=True),
-}
+MODELS = [
+    "classification",
+    "segmentation",
+    "detection",
+    "depth",
+    "multitask",
+    "pruned",
+    "pruned-attention-experts",
+]
+
+
+@pytest.fixture(name="make_model")
+def make_model_fixture(request, tiny_config, all_tasks, pruned_model):
+    """The model factory of the `MODELS` entry the test is parametrised with (indirectly)."""
+    cls, seg, det, depth = all_tasks
+    return {
+        "classification": lambda: ModSquadForImageClassification(tiny_config()),
+        "segmentation": lambda: ModSquadForSemanticSegmentation(tiny_config(tasks=[seg])),
+        "detection": lambda: ModSquadForObjectDetection(tiny_config(tasks=[det])),
+        "depth": lambda: ModSquadForDepthEstimation(tiny_config(tasks=[depth])),
+        "multitask": lambda: ModSquadForMultiTask(tiny_config(tasks=[cls, depth])),
+        "pruned": pruned_model,
+        "pruned-attention-experts": lambda: pruned_model(moe_attention=True),
+    }[request.param]
 
 
 def first_output(output) -> torch.Tensor:
@@ -72,7 +92,7 @@ def base_parameters(peft_model) -> dict[str, torch.Tensor]:
     return base
 
 
-@pytest.mark.parametrize("make_model", MODELS.values(), ids=MODELS.keys())
+@pytest.mark.parametrize("make_model", MODELS, indirect=True)
 def test_lora_reaches_attention_experts_and_head_of_every_model(make_model):
     model = make_model().eval()
     pixel_values = torch.randn(1, 3, 32, 32)
@@ -103,8 +123,9 @@ def test_lora_reaches_attention_experts_and_head_of_every_model(make_model):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")
-def test_adapter_training_lowers_the_loss_and_never_touches_the_base(tmp_path):
+def test_adapter_training_lowers_the_loss_and_never_touches_the_base(tmp_path, pruned_model):
     model = pruned_model()
     model.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(model, lora_config_for(model, r=4, alpha=8, expert_r=2))
@@ -151,7 +172,7 @@ def test_adapter_training_lowers_the_loss_and_never_touches_the_base(tmp_path):
         assert torch.equal(reloaded(pixel_values).logits, merged_logits)
 
 
-def test_adapter_gives_the_same_outputs_under_every_experts_implementation():
+def test_adapter_gives_the_same_outputs_under_every_experts_implementation(pruned_model):
     model = pruned_model()
     peft_model = get_peft_model(model, lora_config_for(model)).eval()
     with torch.no_grad():
@@ -173,7 +194,7 @@ def test_adapter_gives_the_same_outputs_under_every_experts_implementation():
 # PEFT 0.21 checks rank_pattern keys against the targeted modules only, so expert-tensor keys draw a false warning;
 # the lora_A shape below shows that the rank is applied.
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")
-def test_lora_config_names_and_options():
+def test_lora_config_names_and_options(all_tasks, tiny_config, pruned_model):
     model = pruned_model(moe_attention=True)
     config = lora_config_for(model, r=4, expert_r=2, train_head=False)
     assert config.modules_to_save is None
@@ -198,12 +219,12 @@ def test_lora_config_names_and_options():
     experts_only = lora_config_for(pruned_model(), target_attention=False)
     assert experts_only.target_modules is None and len(experts_only.target_parameters) == 4
 
-    multitask = ModSquadForMultiTask(tiny_config(tasks=[ALL_TASKS[0], PETS]))
+    multitask = ModSquadForMultiTask(tiny_config(tasks=[all_tasks[0], PETS]))
     assert lora_config_for(multitask).modules_to_save == ["heads.cls", "heads.pets"]
     assert lora_config_for(multitask, task="pets").modules_to_save == ["heads.pets"]
 
 
-def test_lora_config_rejects_bad_requests():
+def test_lora_config_rejects_bad_requests(pruned_model):
     model = pruned_model()
     with pytest.raises(ValueError, match=r"lora_dropout=0\.1 cannot apply to expert tensors"):
         lora_config_for(model, lora_dropout=0.1)

@@ -14,14 +14,18 @@ from transformers import (
     ViTModel,
 )
 
-from conftest import ALL_TASKS
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadModel
 
 DENSE_SHAPE = dict(
     hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"
 )
-MOE = dict(num_experts=4, num_experts_per_tok=2, tasks=[ALL_TASKS[0]])
 TOLERANCE = dict(atol=2e-5, rtol=1e-5)
+
+
+@pytest.fixture(name="moe_options")
+def moe_options_fixture(all_tasks) -> dict:
+    """The MoE settings of the upcycled models: 4 experts, top-2, one classification task."""
+    return dict(num_experts=4, num_experts_per_tok=2, tasks=[all_tasks[0]])
 
 
 def randomised(model):
@@ -56,10 +60,10 @@ def upcycled_hidden_states(model, pixel_values: torch.Tensor) -> list[torch.Tens
 
 @pytest.mark.parametrize("moe_layers", ["all", "every_other"])
 @pytest.mark.parametrize("make_dense", [vit, dinov2], ids=["vit", "dinov2"])
-def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_layers):
+def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_layers, moe_options):
     dense = make_dense()
     dense.save_pretrained(tmp_path)
-    model = ModSquadModel.from_dense(str(tmp_path), moe_layers=moe_layers, **MOE)
+    model = ModSquadModel.from_dense(str(tmp_path), moe_layers=moe_layers, **moe_options)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = upcycled_hidden_states(model, pixel_values)
@@ -76,9 +80,9 @@ def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_la
     assert all(indices.unique().numel() == 4 for indices in routed)
 
 
-def test_upcycled_deit_equals_the_dense_deit_end_to_end():
+def test_upcycled_deit_equals_the_dense_deit_end_to_end(moe_options):
     dense = randomised(DeiTModel(DeiTConfig(intermediate_size=128, **DENSE_SHAPE)))
-    model = ModSquadModel.from_dense(dense, moe_layers="all", **MOE)
+    model = ModSquadModel.from_dense(dense, moe_layers="all", **moe_options)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = dense(pixel_values, output_hidden_states=True)
@@ -88,9 +92,9 @@ def test_upcycled_deit_equals_the_dense_deit_end_to_end():
     torch.testing.assert_close(output.last_hidden_state, expected.last_hidden_state, **TOLERANCE)
 
 
-def test_upcycled_attention_experts_copy_the_dense_attention():
+def test_upcycled_attention_experts_copy_the_dense_attention(moe_options):
     dense = dinov2()
-    model = ModSquadModel.from_dense(dense, moe_layers=[1, 3], moe_attention=True, **MOE)
+    model = ModSquadModel.from_dense(dense, moe_layers=[1, 3], moe_attention=True, **moe_options)
     assert model.config.attention_expert_heads == 4
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -100,11 +104,11 @@ def test_upcycled_attention_experts_copy_the_dense_attention():
         torch.testing.assert_close(a, b, **TOLERANCE)
 
 
-def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path):
+def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path, all_tasks):
     dense = randomised(
         ViTForImageClassification(ViTConfig(intermediate_size=128, num_labels=7, **DENSE_SHAPE))
     )
-    tasks = [ALL_TASKS[0], ALL_TASKS[3]]
+    tasks = [all_tasks[0], all_tasks[3]]
     model = ModSquadForImageClassification.from_dense(
         dense, tasks=tasks, num_experts=4, num_experts_per_tok=2
     )
@@ -128,15 +132,15 @@ def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path):
     assert isinstance(ModSquadForMultiTask.from_pretrained(tmp_path), ModSquadForMultiTask)
 
 
-def test_from_dense_rejects_what_it_cannot_copy():
+def test_from_dense_rejects_what_it_cannot_copy(moe_options):
     with pytest.raises(ValueError, match="takes \\['hidden_size'\\] from the dense checkpoint"):
-        ModSquadModel.from_dense(vit(), hidden_size=32, **MOE)
+        ModSquadModel.from_dense(vit(), hidden_size=32, **moe_options)
     with pytest.raises(ValueError, match="attention_expert_heads=2"):
-        ModSquadModel.from_dense(vit(), moe_attention=True, attention_expert_heads=2, **MOE)
+        ModSquadModel.from_dense(vit(), moe_attention=True, attention_expert_heads=2, **moe_options)
     swiglu = Dinov2Model(Dinov2Config(use_swiglu_ffn=True, **DENSE_SHAPE))
     with pytest.raises(ValueError, match="SwiGLU"):
-        ModSquadModel.from_dense(swiglu, **MOE)
+        ModSquadModel.from_dense(swiglu, **moe_options)
     with pytest.raises(ValueError, match="accepted dense model types"):
-        ModSquadModel.from_dense(ModSquadModel.from_dense(vit(), **MOE), **MOE)
+        ModSquadModel.from_dense(ModSquadModel.from_dense(vit(), **moe_options), **moe_options)
     with pytest.raises(ValueError, match="router_init_std must be >= 0"):
-        ModSquadModel.from_dense(vit(), router_init_std=-1.0, **MOE)
+        ModSquadModel.from_dense(vit(), router_init_std=-1.0, **moe_options)

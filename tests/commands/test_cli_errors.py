@@ -90,6 +90,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     assert cli.error_status(TypeError()) is None and cli.error_status(ValueError()) == 2
 
 
+@pytest.mark.slow
 def test_overrides_anywhere_and_resume_followed_by_an_override(tmp_path):
     parser = cli.build_parser("train")
     args = cli.parse_args(

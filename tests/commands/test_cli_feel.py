@@ -17,7 +17,6 @@ from modsquad.hub.push import push_run
 from modsquad.metrics.evaluation import evaluate_model
 from modsquad.pruning import run as run_module
 from modsquad.pruning.run import prune_run
-from pruning_helpers import CLS_TASK, SEG_TASK, make_run_folder, pixel_loader
 
 
 @pytest.mark.slow
@@ -41,10 +40,10 @@ def _classification_split(rows: int = 5) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(rows)]})
 
 
-def test_evaluation_shows_a_progress_bar_of_the_images(tiny_config, capsys):
+def test_evaluation_shows_a_progress_bar_of_the_images(tiny_config, capsys, small_tasks):
     from modsquad import ModSquadForImageClassification, ModSquadImageProcessor
 
-    model = ModSquadForImageClassification(tiny_config([CLS_TASK]))
+    model = ModSquadForImageClassification(tiny_config([small_tasks["cls"]]))
     processor = ModSquadImageProcessor(size={"height": 32, "width": 32})
     evaluate_model(model, processor, _classification_split(), batch_size=2)
     err = capsys.readouterr().err
@@ -53,14 +52,17 @@ def test_evaluation_shows_a_progress_bar_of_the_images(tiny_config, capsys):
     assert "evaluate cls" not in capsys.readouterr().err
 
 
-def test_pruning_shows_progress_and_titles_say_which_data(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_pruning_shows_progress_and_titles_say_which_data(
+    tmp_path, monkeypatch, capsys, small_tasks, make_run_folder, pixel_loader
+):
     titles = []
 
     def record(usages, path, kept=None, title=None):
         titles.append(title)
 
     monkeypatch.setattr(run_module, "plot_router_usage", record)
-    make_run_folder(tmp_path, [CLS_TASK, SEG_TASK])
+    make_run_folder(tmp_path, [small_tasks["cls"], small_tasks["seg"]])
     loaders = {"cls": pixel_loader(1, batches=1), "seg": pixel_loader(2, batches=1)}
     prune_run(tmp_path, loaders, calibration_data={"cls": "the first 2 training images"})
     assert "prune" in capsys.readouterr().err
@@ -81,8 +83,8 @@ def test_demo_heatmaps_say_they_count_the_validation_split():
     assert validation_usage_title("layer1_mlp", [Task("cls", 8), Task("seg", 4)]).endswith("(cls: 8, seg: 4)")
 
 
-def test_push_without_a_token_says_how_to_log_in(tmp_path, monkeypatch):
-    make_run_folder(tmp_path, [CLS_TASK])
+def test_push_without_a_token_says_how_to_log_in(tmp_path, monkeypatch, small_tasks, make_run_folder):
+    make_run_folder(tmp_path, [small_tasks["cls"]])
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(push_module, "get_token", lambda: None)  # no saved login either
     with pytest.raises(ValueError, match=r"needs a token: log in with `hf auth login`, set the HF_TOKEN"):
@@ -90,8 +92,11 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path, monkeypatch):
     assert push_run(tmp_path, "org/name", dry_run=True)  # a dry run needs no token
 
 
-def test_push_shows_a_progress_bar_of_the_repos(tmp_path, monkeypatch, capsys):
-    make_run_folder(tmp_path, [CLS_TASK, SEG_TASK])
+@pytest.mark.slow
+def test_push_shows_a_progress_bar_of_the_repos(
+    tmp_path, monkeypatch, capsys, small_tasks, make_run_folder, pixel_loader
+):
+    make_run_folder(tmp_path, [small_tasks["cls"], small_tasks["seg"]])
     prune_run(tmp_path, {"cls": pixel_loader(1, batches=1), "seg": pixel_loader(2, batches=1)})
     capsys.readouterr()
     calls = []

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_demo_writes_the_whole_run_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--output-dir", str(out), "--max-steps", "3", "--num-train", "8", "--num-val", "4"])

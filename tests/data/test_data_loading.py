@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import (
     ModSquadForDepthEstimation,
     ModSquadForImageClassification,
@@ -26,8 +25,6 @@ from modsquad.data import (
     make_demo_datasets,
     save_demo_datasets,
 )
-
-CLS, SEG, DET, DEPTH = ALL_TASKS
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +84,20 @@ def test_load_task_dataset_rejects_bad_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ adapters
 @pytest.mark.parametrize("train", [True, False])
-def test_adapter_formats_every_task_type(demo, processor, train):
+def test_adapter_formats_every_task_type(demo, processor, train, all_tasks):
     expected = {
         "cls": (torch.int64, ()),
         "seg": (torch.int64, (24, 40)),
         "depth": (torch.float32, (24, 40)),
     }
-    for entry, name in ((CLS, "cls"), (SEG, "seg"), (DEPTH, "depth")):
+    for entry, name in ((all_tasks[0], "cls"), (all_tasks[1], "seg"), (all_tasks[3], "depth")):
         task = {**entry, "labels": demo_labels(name)} if "labels" in entry else entry
         adapter = TaskDataAdapter(task, processor, train=train, image_size=(24, 40))
         sample = adapter(demo[name]["train"][0])
         assert sample["pixel_values"].shape == (3, 24, 40) and sample["pixel_values"].dtype == torch.float32
         dtype, shape = expected[name]
         assert sample["labels"].dtype == dtype and tuple(sample["labels"].shape) == shape
-    adapter = TaskDataAdapter({**DET, "labels": demo_labels("det")}, processor, train=train)
+    adapter = TaskDataAdapter({**all_tasks[2], "labels": demo_labels("det")}, processor, train=train)
     labels = adapter(demo["det"]["train"][0])["labels"]
     assert labels["class_labels"].dtype == torch.int64 and labels["boxes"].shape == (
         len(labels["class_labels"]),
@@ -115,8 +112,8 @@ def demo_labels(name):
     return next(t for t in demo_task_configs() if t["name"] == name).get("labels")
 
 
-def test_eval_detection_boxes_match_the_annotation(processor):
-    adapter = TaskDataAdapter(DET, processor, train=False)
+def test_eval_detection_boxes_match_the_annotation(processor, all_tasks):
+    adapter = TaskDataAdapter(all_tasks[2], processor, train=False)
     # Both layouts of `objects`: a dict of lists (Sequence feature) and a list of dicts (List feature).
     for objects in (
         {"bbox": [[6, 4, 30, 20]], "category": [1]},
@@ -125,52 +122,55 @@ def test_eval_detection_boxes_match_the_annotation(processor):
         labels = adapter(det_row(objects))["labels"]
         assert labels["class_labels"].tolist() == [1]
         np.testing.assert_allclose(labels["boxes"][0], [21 / 60, 14 / 40, 30 / 60, 20 / 40], atol=1e-6)
-    xyxy = TaskDataAdapter(DET, processor, train=False, schema_options={"bbox_format": "xyxy"})
-    from_entry = TaskDataAdapter({**DET, "bbox_format": "xyxy"}, processor, train=False)
+    xyxy = TaskDataAdapter(all_tasks[2], processor, train=False, schema_options={"bbox_format": "xyxy"})
+    from_entry = TaskDataAdapter({**all_tasks[2], "bbox_format": "xyxy"}, processor, train=False)
     for adapter in (xyxy, from_entry):
         labels = adapter(det_row({"bbox": [[6, 4, 36, 24]], "category": [1]}))["labels"]
         np.testing.assert_allclose(labels["boxes"][0], [21 / 60, 14 / 40, 30 / 60, 20 / 40], atol=1e-6)
 
 
-def test_invalid_annotations_raise(processor):
-    det = TaskDataAdapter(DET, processor, train=True)
+def test_invalid_annotations_raise(processor, all_tasks):
+    det = TaskDataAdapter(all_tasks[2], processor, train=True)
     with pytest.raises(ValueError, match="invalid box"):
         det(det_row({"bbox": [[6, 4, 0, 20]], "category": [0]}))
     with pytest.raises(ValueError, match="outside the 60x40 image"):
         det(det_row({"bbox": [[50, 4, 30, 20]], "category": [0]}))
     with pytest.raises(ValueError, match=r"object categories \[5\] are out of range"):
         det(det_row({"bbox": [[6, 4, 10, 10]], "category": [5]}))
-    cls = TaskDataAdapter(CLS, processor, train=False)
+    cls = TaskDataAdapter(all_tasks[0], processor, train=False)
     with pytest.raises(ValueError, match=r"class id \[3\] are out of range; this task has 3 classes"):
         cls({"image": image(), "label": 3})
-    seg = TaskDataAdapter(SEG, processor, train=False)
+    seg = TaskDataAdapter(all_tasks[1], processor, train=False)
     with pytest.raises(ValueError, match="reduce_labels"):
         seg({"image": image(), "annotation": Image.fromarray(np.full((40, 60), 2, np.uint8))})
     with pytest.raises(ValueError, match="'type'"):
         TaskDataAdapter({"name": "x", "type": "captioning"}, processor, train=True)
     with pytest.raises(ValueError, match="not a fixed height and width"):
-        TaskDataAdapter(CLS, ModSquadImageProcessor(size={"shortest_edge": 32}), train=True)
+        TaskDataAdapter(all_tasks[0], ModSquadImageProcessor(size={"shortest_edge": 32}), train=True)
 
 
-def test_segmentation_reduce_labels_and_padding(processor):
+def test_segmentation_reduce_labels_and_padding(processor, all_tasks):
     annotation = np.zeros((40, 60), np.uint8)
     annotation[10:30, 20:40] = 2  # scene_parse_150 style: 0 = unlabelled, classes from 1
     row = {"image": image(), "annotation": Image.fromarray(annotation)}
     reduce = {"reduce_labels": True}
-    adapter = TaskDataAdapter(SEG, processor, train=False, schema_options=reduce)
+    adapter = TaskDataAdapter(all_tasks[1], processor, train=False, schema_options=reduce)
     assert set(adapter(row)["labels"].unique().tolist()) == {1, 255}
     # Zooming out pads; padding is ignored, never background.
     zoom_out = AugmentConfig(geometry="scale_jitter", jitter_scale=(0.5, 0.5), hflip_prob=0.0)
-    padded = TaskDataAdapter(SEG, processor, train=True, augment=zoom_out, schema_options=reduce)(row)[
-        "labels"
-    ]
+    padded = TaskDataAdapter(all_tasks[1], processor, train=True, augment=zoom_out, schema_options=reduce)(
+        row
+    )["labels"]
     assert (padded == 255).float().mean() > 0.7 and (padded == 1).any()
 
 
-def test_boxes_cut_away_by_augmentation_are_dropped(processor):
+def test_boxes_cut_away_by_augmentation_are_dropped(processor, all_tasks):
     # One box at the far left, one large in the middle: crops often lose the first, never make a degenerate box.
     adapter = TaskDataAdapter(
-        DET, processor, train=True, augment={"geometry": "random_resized_crop", "crop_scale": (0.2, 0.4)}
+        all_tasks[2],
+        processor,
+        train=True,
+        augment={"geometry": "random_resized_crop", "crop_scale": (0.2, 0.4)},
     )
     row = det_row({"bbox": [[0, 0, 4, 4], [15, 10, 30, 20]], "category": [0, 1]})
     rng = np.random.default_rng(0)
@@ -183,8 +183,8 @@ def test_boxes_cut_away_by_augmentation_are_dropped(processor):
     assert 1 in counts or 0 in counts
 
 
-def test_multi_label_classification(processor):
-    task = {**CLS, "problem_type": "multi_label_classification"}
+def test_multi_label_classification(processor, all_tasks):
+    task = {**all_tasks[0], "problem_type": "multi_label_classification"}
     adapter = TaskDataAdapter(task, processor, train=False)
     labels = adapter({"image": image(), "label": [0, 2]})["labels"]
     assert labels.tolist() == [1.0, 0.0, 1.0]
@@ -195,8 +195,8 @@ def batches(loader):
     return [(b["pixel_values"], b["labels"]) for b in loader]
 
 
-def test_same_seed_same_batches_and_epochs_differ(demo, processor):
-    adapter = TaskDataAdapter({**CLS, "labels": demo_labels("cls")}, processor, train=True)
+def test_same_seed_same_batches_and_epochs_differ(demo, processor, all_tasks):
+    adapter = TaskDataAdapter({**all_tasks[0], "labels": demo_labels("cls")}, processor, train=True)
     first = build_task_dataloader(demo["cls"]["train"], adapter, batch_size=4, seed=3)
     second = build_task_dataloader(demo["cls"]["train"], adapter, batch_size=4, seed=3)
     epoch_a, epoch_b = batches(first), batches(second)
@@ -215,8 +215,8 @@ def test_same_seed_same_batches_and_epochs_differ(demo, processor):
     assert torch.equal(none_a[0][0], none_b[0][0])
 
 
-def test_workers_do_not_change_the_batches(demo, processor):
-    adapter = TaskDataAdapter({**SEG, "labels": demo_labels("seg")}, processor, train=True)
+def test_workers_do_not_change_the_batches(demo, processor, all_tasks):
+    adapter = TaskDataAdapter({**all_tasks[1], "labels": demo_labels("seg")}, processor, train=True)
     alone = batches(build_task_dataloader(demo["seg"]["train"], adapter, batch_size=8, seed=5))
     workers = batches(
         build_task_dataloader(demo["seg"]["train"], adapter, batch_size=8, seed=5, num_workers=2)
@@ -225,9 +225,9 @@ def test_workers_do_not_change_the_batches(demo, processor):
         assert torch.equal(pa_, pb) and torch.equal(la, lb)
 
 
-def test_streaming_loader_is_reproducible(demo, processor):
+def test_streaming_loader_is_reproducible(demo, processor, all_tasks):
     stream = demo["depth"]["train"].to_iterable_dataset(num_shards=2)
-    adapter = TaskDataAdapter(DEPTH, processor, train=True)
+    adapter = TaskDataAdapter(all_tasks[3], processor, train=True)
 
     def run():
         loader = build_task_dataloader(stream, adapter, batch_size=5, seed=2, buffer_size=8)
@@ -240,7 +240,7 @@ def test_streaming_loader_is_reproducible(demo, processor):
     assert a[0][1].dtype == torch.float32 and a[0][1].shape == (5, 32, 32)
 
 
-def test_batches_train_the_heads(demo, processor):
+def test_batches_train_the_heads(demo, processor, tiny_config):
     """Loader batches are what the heads take: a forward with labels gives a finite loss for every task type."""
     models = {
         "cls": ModSquadForImageClassification,

@@ -6,12 +6,14 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForMultiTask, ModSquadImageProcessor, collect_expert_usage, prune_for_task
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -38,10 +40,10 @@ def _new_dataset(folder: Path) -> None:
     DatasetDict(splits).save_to_disk(folder)
 
 
-def test_finetune_pruned_lora_trains_an_adapter_for_new_labels(tmp_path):
+def test_finetune_pruned_lora_trains_an_adapter_for_new_labels(tmp_path, all_tasks, tiny_config):
     import torch
 
-    model = ModSquadForMultiTask(tiny_config(tasks=ALL_TASKS)).eval()
+    model = ModSquadForMultiTask(tiny_config(tasks=all_tasks)).eval()
     calibration = [torch.randn(4, 3, 32, 32)]
     pruned = prune_for_task(model, "cls", collect_expert_usage(model, calibration, task="cls"))
     pruned.save_pretrained(tmp_path / "cls")

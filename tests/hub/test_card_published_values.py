@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hub_server import validate_card
 from modsquad.hub.model_card import EXAMPLE_IMAGE, render_run_cards
 from modsquad.pruning.run import prune_run
 from modsquad.run_folder import RunFolder
-from pruning_helpers import CLS_TASK, DET_TASK, SEG_TASK, make_run_folder, pixel_loader
 
 REPO = "org/modsquad-tiny"
 # What evaluate_model returns for these tasks on a small split: per-class entries, a NaN, COCO's -1 for sizes
@@ -48,8 +47,10 @@ def _model_index(card: ModelCard) -> dict[str, dict[str, float]]:
     return published
 
 
-def test_model_index_holds_only_defined_summary_metrics(tmp_path):
-    make_run_folder(tmp_path, [CLS_TASK, SEG_TASK, DET_TASK])
+def test_model_index_holds_only_defined_summary_metrics(
+    tmp_path, small_tasks, validate_card, make_run_folder
+):
+    make_run_folder(tmp_path, [small_tasks["cls"], small_tasks["seg"], small_tasks["det"]])
     (tmp_path / "metrics.json").write_text(json.dumps(RAW_METRICS))
     card = render_run_cards(RunFolder.open(tmp_path), repo_id=REPO)[tmp_path / "model"]
     published = _model_index(card)
@@ -60,8 +61,11 @@ def test_model_index_holds_only_defined_summary_metrics(tmp_path):
     assert validate_card(str(card)) == []
 
 
-def test_upcycled_model_declares_finetune_and_pruned_models_only_their_parent(tmp_path):
-    make_run_folder(tmp_path, [CLS_TASK, SEG_TASK])
+@pytest.mark.slow
+def test_upcycled_model_declares_finetune_and_pruned_models_only_their_parent(
+    tmp_path, small_tasks, validate_card, make_run_folder, pixel_loader
+):
+    make_run_folder(tmp_path, [small_tasks["cls"], small_tasks["seg"]])
     prune_run(tmp_path, {"cls": pixel_loader(1, batches=1), "seg": pixel_loader(2, batches=1)})
     cards = render_run_cards(RunFolder.open(tmp_path), repo_id=REPO, base_model="facebook/dinov2-small")
     parent = cards[tmp_path / "model"].data
@@ -72,11 +76,14 @@ def test_upcycled_model_declares_finetune_and_pruned_models_only_their_parent(tm
     assert all(validate_card(str(card)) == [] for card in cards.values())
 
 
-def test_cards_show_an_example_of_the_tasks_own_data_in_the_widget(tmp_path):
-    make_run_folder(tmp_path, [CLS_TASK, SEG_TASK])
+@pytest.mark.slow
+def test_cards_show_an_example_of_the_tasks_own_data_in_the_widget(
+    tmp_path, small_tasks, validate_card, make_run_folder, pixel_loader
+):
+    make_run_folder(tmp_path, [small_tasks["cls"], small_tasks["seg"]])
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
-    features = Features({"picture": ImageFeature(), "label": ClassLabel(names=CLS_TASK["labels"])})
+    features = Features({"picture": ImageFeature(), "label": ClassLabel(names=small_tasks["cls"]["labels"])})
     validation = Dataset.from_dict({"picture": images, "label": [0, 1, 2]}, features=features)
     prune_run(
         tmp_path,

@@ -24,7 +24,6 @@ from transformers import (
     pipeline,
 )
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import (
     ModSquadConfig,
     ModSquadForImageClassification,
@@ -55,8 +54,8 @@ def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _save_classifier(folder: Path, tasks: list[dict] | None = None) -> ModSquadForImageClassification:
-    model = _trained_looking(ModSquadForImageClassification(tiny_config(tasks)))
+def _save_classifier(folder: Path, config: ModSquadConfig) -> ModSquadForImageClassification:
+    model = _trained_looking(ModSquadForImageClassification(config))
     model.save_pretrained(folder)
     ModSquadImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return model
@@ -67,9 +66,9 @@ def _test_image(seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def saved_classifier(tmp_path_factory) -> tuple[Path, ModSquadForImageClassification]:
+def saved_classifier(tmp_path_factory, tiny_config) -> tuple[Path, ModSquadForImageClassification]:
     folder = tmp_path_factory.mktemp("classifier")
-    return folder, _save_classifier(folder)
+    return folder, _save_classifier(folder, tiny_config())
 
 
 def _run_python(script: str, env: dict[str, str]) -> None:
@@ -85,7 +84,7 @@ def _run_python(script: str, env: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- Auto classes
-def test_auto_classes_resolve_modsquad_classes(saved_classifier):
+def test_auto_classes_resolve_modsquad_classes(saved_classifier, tiny_config):
     folder, _ = saved_classifier
     fields = {k: v for k, v in tiny_config().to_dict().items() if k != "model_type"}
     config = AutoConfig.for_model("modsquad", **fields)
@@ -102,7 +101,7 @@ def test_auto_classes_resolve_modsquad_classes(saved_classifier):
 
 
 # ------------------------------------------------------------------------------------------ save and reload
-def test_save_pretrained_writes_safetensors_only_and_reloads_identically(tmp_path):
+def test_save_pretrained_writes_safetensors_only_and_reloads_identically(tmp_path, tiny_config):
     model = _trained_looking(ModSquadForImageClassification(tiny_config(moe_attention=True)))
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
@@ -150,6 +149,7 @@ _BLOCK_MODSQUAD = """
 """
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_the_package(saved_classifier, tmp_path):
     source, model = saved_classifier
     folder = tmp_path / "elsewhere" / "tiny-modsquad"
@@ -215,6 +215,7 @@ def _build_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
     return commit
 
 
+@pytest.mark.slow
 def test_from_pretrained_by_repo_id_from_local_hub_cache(saved_classifier, tmp_path):
     source, model = saved_classifier
     cache = tmp_path / "hub"
@@ -266,8 +267,8 @@ def test_image_classification_pipeline_returns_the_config_labels(saved_classifie
     assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
 
 
-def test_multi_label_pipeline_gives_sigmoid_scores(tmp_path):
-    model = _save_classifier(tmp_path, tasks=[MULTI_LABEL])
+def test_multi_label_pipeline_gives_sigmoid_scores(tmp_path, tiny_config):
+    model = _save_classifier(tmp_path, tiny_config([MULTI_LABEL]))
     classifier = pipeline("image-classification", model=str(tmp_path))
     image = _test_image(2)
     predictions = classifier(image, top_k=None)
@@ -283,9 +284,9 @@ def test_multi_label_pipeline_gives_sigmoid_scores(tmp_path):
     assert sum(p["score"] for p in predictions) != pytest.approx(1.0, abs=1e-3)
 
 
-def test_pipeline_on_one_task_of_a_multi_task_checkpoint(tmp_path):
+def test_pipeline_on_one_task_of_a_multi_task_checkpoint(tmp_path, all_tasks, tiny_config):
     """A head checkpoint built from a multi-task config still gives the pipeline its own task's labels."""
-    model = _save_classifier(tmp_path, tasks=ALL_TASKS)
+    model = _save_classifier(tmp_path, tiny_config(all_tasks))
     assert model.config.num_tasks == 4
     predictions = pipeline("image-classification", model=str(tmp_path))(_test_image(3))
     assert {p["label"] for p in predictions} == {"circle", "square", "triangle"}

@@ -13,22 +13,21 @@ from datasets import Image as ImageFeature
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
-from hub_server import validate_card
 from modsquad.cli import main
 from modsquad.hub.model_card import render_run_cards
 from modsquad.hub.push import check_repo_id
 from modsquad.pruning.run import format_prune_table, prune_run
 from modsquad.run_folder import RunFolder
-from pruning_helpers import CLS_TASK, NUM_EXPERTS, SEG_TASK, make_run_folder, pixel_loader
 
 REPO = "org/modsquad-tiny"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory):
+def pruned_run(tmp_path_factory, fresh_tasks, make_run_folder, pixel_loader):
+    tasks = fresh_tasks(small=True)
     root = tmp_path_factory.mktemp("run")
-    make_run_folder(root, [CLS_TASK, SEG_TASK])
+    make_run_folder(root, [tasks["cls"], tasks["seg"]])
     loaders = {
         "cls": pixel_loader(10, batches=1, batch_size=3),
         "seg": pixel_loader(11, batches=1, batch_size=3),
@@ -36,7 +35,8 @@ def pruned_run(tmp_path_factory):
     return root, prune_run(root, loaders)
 
 
-def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run):
+@pytest.mark.slow
+def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run, specialised_experts):
     root, rows = pruned_run
     assert [row["task"] for row in rows] == ["cls", "seg"]
     for row in rows:
@@ -44,7 +44,7 @@ def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run):
         assert row["max_abs_diff"] <= 1e-5 and row["routing_agreement"] == 1.0
         assert row["params_after"] < row["params_before"] and row["bytes_after"] < row["bytes_before"]
         assert row["load_s_before"] > 0 and row["load_s_after"] > 0
-        assert sum(row["experts_mlp"]) < 2 * NUM_EXPERTS
+        assert sum(row["experts_mlp"]) < 2 * specialised_experts
         folder = root / row["folder"]
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
@@ -57,7 +57,8 @@ def test_prune_run_saves_every_task_model_and_reports_the_gain(pruned_run):
     assert table.splitlines()[0].split()[:3] == ["task", "experts", "kept"] and "seg" in table
 
 
-def test_card_metadata_is_complete_and_valid(pruned_run, tmp_path):
+@pytest.mark.slow
+def test_card_metadata_is_complete_and_valid(pruned_run, tmp_path, validate_card):
     root, _ = pruned_run
     cards = render_run_cards(RunFolder.open(root), repo_id=REPO, base_model="facebook/dinov2-small")
     assert set(cards) == {root / "model", root / "tasks" / "cls", root / "tasks" / "seg"}
@@ -88,7 +89,8 @@ def test_card_metadata_is_complete_and_valid(pruned_run, tmp_path):
     assert "pruned" in ModelCard.load(tmp_path / "seg.md").data.tags
 
 
-def test_card_text_tells_what_was_kept_and_how_to_use_it(pruned_run):
+@pytest.mark.slow
+def test_card_text_tells_what_was_kept_and_how_to_use_it(pruned_run, specialised_experts):
     root, rows = pruned_run
     cards = render_run_cards(RunFolder.open(root), repo_id=REPO)
     seg = cards[root / "tasks" / "seg"].text
@@ -96,7 +98,8 @@ def test_card_text_tells_what_was_kept_and_how_to_use_it(pruned_run):
     kept = json.loads((root / "tasks" / "seg" / "config.json").read_text())["pruned_experts"]
     for block, experts in zip((1, 3), kept):
         assert (
-            f"| block {block} mlp | {len(experts)} / {NUM_EXPERTS} | {', '.join(map(str, experts))} |" in seg
+            f"| block {block} mlp | {len(experts)} / {specialised_experts} | {', '.join(map(str, experts))} |"
+            in seg
         )
     assert "![Expert usage](expert_usage.png)" in seg
     assert f'AutoModelForSemanticSegmentation.from_pretrained("{REPO}-seg")' in seg
@@ -114,17 +117,20 @@ def test_card_text_tells_what_was_kept_and_how_to_use_it(pruned_run):
         assert "An Image is Worth 16x16 Words" in text and "apache-2.0" in text
 
 
-def _shapes_dataset(folder, rows: int = 6) -> None:
+def _shapes_dataset(folder, labels: list[str], rows: int = 6) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(rows)]
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=CLS_TASK["labels"])})
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=labels)})
     split = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(rows)]}, features=features)
     DatasetDict({"validation": split}).save_to_disk(folder)
 
 
-def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(tmp_path, capsys):
-    make_run_folder(tmp_path / "run", [CLS_TASK, SEG_TASK])
-    _shapes_dataset(tmp_path / "cls-data")
+@pytest.mark.slow
+def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(
+    tmp_path, capsys, small_tasks, make_run_folder
+):
+    make_run_folder(tmp_path / "run", [small_tasks["cls"], small_tasks["seg"]])
+    _shapes_dataset(tmp_path / "cls-data", small_tasks["cls"]["labels"])
     args = ["prune", str(tmp_path / "run"), "--task", "cls", "--dataset", f"cls={tmp_path / 'cls-data'}"]
     args += ["--threshold", "0"]
     assert main([*args, "--batch-size", "3", "--json", str(tmp_path / "rows.json")]) == 0
@@ -135,9 +141,12 @@ def test_prune_cli_with_a_dataset_reports_the_metric_before_and_after(tmp_path, 
     assert not (tmp_path / "run" / "tasks" / "seg").exists()
 
 
-def test_prune_from_training_ema_then_inspect_and_dry_run_push(tmp_path, capsys):
+@pytest.mark.slow
+def test_prune_from_training_ema_then_inspect_and_dry_run_push(
+    tmp_path, capsys, small_tasks, make_run_folder
+):
     run = tmp_path / "run"
-    make_run_folder(run, [CLS_TASK, SEG_TASK])
+    make_run_folder(run, [small_tasks["cls"], small_tasks["seg"]])
     # The trainer's EMA: per task, per router, the share of each expert (experts 6 and 7 unused by cls).
     cls_share = [[0.3, 0.2, 0.2, 0.1, 0.1, 0.1, 0.0, 0.0]] * 2
     (run / "expert_usage_ema.json").write_text(json.dumps({"cls": cls_share, "seg": [[0.125] * 8] * 2}))

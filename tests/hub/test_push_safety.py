@@ -6,51 +6,39 @@ from __future__ import annotations
 
 import os
 
-import huggingface_hub.constants
 import pytest
-from huggingface_hub import HfApi
 
-from hub_server import running_hub
 from modsquad import ModSquadForImageClassification, ModSquadForSemanticSegmentation, ModSquadImageProcessor
 from modsquad.cli import main
 from modsquad.hub.push import PushError, code_files, plan_folder, push_run
-from pruning_helpers import CLS_TASK, SEG_TASK, make_run_folder, specialised_model
+
+pytestmark = pytest.mark.slow  # round trips through the local Hub server
 
 
 @pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory):
+def pruned_run(tmp_path_factory, fresh_tasks, make_run_folder, specialised_model):
     """A run folder with its multi-task model and one single-task model folder per task (not cut from it: what is
     published does not depend on how the task models were made)."""
+    tasks = fresh_tasks(small=True)
     run = tmp_path_factory.mktemp("push") / "run"
-    make_run_folder(run, [CLS_TASK, SEG_TASK])
+    make_run_folder(run, [tasks["cls"], tasks["seg"]])
     processor = ModSquadImageProcessor(size={"height": 32, "width": 32})
     for task, model_class in (
-        (CLS_TASK, ModSquadForImageClassification),
-        (SEG_TASK, ModSquadForSemanticSegmentation),
+        (tasks["cls"], ModSquadForImageClassification),
+        (tasks["seg"], ModSquadForSemanticSegmentation),
     ):
         model_class(specialised_model([task]).config).save_pretrained(run / "tasks" / task["name"])
         processor.save_pretrained(run / "tasks" / task["name"])
     return run
 
 
-TOKEN = "hf_modsquad_test_token"
-
-
-@pytest.fixture(name="hub")
-def hub_fixture(monkeypatch):
-    """A local Hub-compatible server (tests/hub_server.py) and an `HfApi` client of it (online: the suite runs with
-    HF_HUB_OFFLINE=1, which huggingface_hub reads once, at import)."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with running_hub(TOKEN) as hub:
-        yield hub, HfApi(endpoint=hub.url, token=TOKEN)
-
-
 def published_files(hub, repo_id: str) -> dict[str, bytes]:
     return hub.state.repos[repo_id].files
 
 
-def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(pruned_run, hub, tmp_path, capsys):
-    hub, api = hub
+def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(
+    pruned_run, hub, hub_api, hub_token, tmp_path, capsys
+):
     model_dir = pruned_run / "model"
     secret = tmp_path / "secret_token"
     secret.write_text("hf_secret")
@@ -76,7 +64,7 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
         assert "would upload" in out and "left out: .hf_token (not part of a published model)" in out
         assert "model-00002-of-00002.safetensors (a link to outside the folder)" in out
 
-        push_run(pruned_run, "org/safe", api=api, token=TOKEN)
+        push_run(pruned_run, "org/safe", api=hub_api, token=hub_token)
         published = published_files(hub, "org/safe")
         assert "token.txt" not in published and ".hf_token" not in published
         assert not any(
@@ -89,12 +77,13 @@ def test_only_the_allow_list_is_published_and_links_never_leave_the_folder(prune
             (model_dir / name).unlink()
 
 
-def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes(pruned_run, hub):
-    hub, api = hub
+def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes(
+    pruned_run, hub, hub_api, hub_token
+):
     hub.state.failing_repos.add("org/half-cls")
     lines: list[str] = []
     with pytest.raises(PushError) as error:
-        push_run(pruned_run, "org/half", api=api, token=TOKEN, log=lines.append)
+        push_run(pruned_run, "org/half", api=hub_api, token=hub_token, log=lines.append)
     message = str(error.value)
     assert "publishing org/half-cls failed: HfHubHTTPError" in message
     assert "Published: org/half;" in message and "not attempted: org/half-seg" in message
@@ -109,7 +98,7 @@ def test_a_push_that_fails_half_way_says_what_was_published_and_a_rerun_finishes
 
     hub.state.failing_repos.clear()
     lines.clear()
-    push_run(pruned_run, "org/half", api=api, token=TOKEN, log=lines.append)
+    push_run(pruned_run, "org/half", api=hub_api, token=hub_token, log=lines.append)
     assert "org/half: already up to date" in lines
     assert hub.state.committed == [
         "org/half",

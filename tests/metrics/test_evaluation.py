@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadImageProcessor
 from modsquad.cli import main
 from modsquad.data import load_split, parse_columns, task_schema
@@ -44,16 +43,16 @@ def _run_cli(capsys, *args) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def multitask_checkpoint(tmp_path_factory):
+def multitask_checkpoint(tmp_path_factory, tiny_config, fresh_tasks):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("multitask")
-    ModSquadForMultiTask(tiny_config(tasks=ALL_TASKS)).save_pretrained(folder)
+    ModSquadForMultiTask(tiny_config(tasks=list(fresh_tasks().values()))).save_pretrained(folder)
     _processor().save_pretrained(folder)
     return str(folder)
 
 
 # ------------------------------------------------------------------------------------------------ classification
-def test_evaluate_cli_classification_accuracy_matches_the_models_predictions(tmp_path, capsys):
+def test_evaluate_cli_classification_accuracy_matches_the_models_predictions(tmp_path, capsys, tiny_config):
     model = ModSquadForImageClassification(tiny_config()).eval()
     processor = _processor()
     model.save_pretrained(tmp_path / "ckpt")
@@ -87,6 +86,7 @@ def test_evaluate_cli_classification_accuracy_matches_the_models_predictions(tmp
     assert report["metrics"]["accuracy"] == 1.0 and report["num_samples"] == 3
 
 
+@pytest.mark.slow
 def test_multitask_model_evaluates_like_the_single_task_model(multitask_checkpoint):
     dataset = datasets.Dataset.from_dict({"image": _images(1)[:4], "label": [0, 1, 2, 0]})
     multitask = ModSquadForMultiTask.from_pretrained(multitask_checkpoint)
@@ -101,6 +101,7 @@ def test_multitask_model_evaluates_like_the_single_task_model(multitask_checkpoi
 
 
 # ------------------------------------------------------------------------------------------------ dense tasks
+@pytest.mark.slow
 def test_evaluate_cli_segmentation_scores_at_the_original_size(multitask_checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(2)
     images = _images(2, SIZES[:3])

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadModel, RoutingStatistics, task_expert_mutual_information
 from modsquad.model.moe import ModSquadTaskRouter, RouterOutput, load_balancing_loss, router_z_loss
 
@@ -94,8 +93,8 @@ def test_two_task_batches_give_the_mutual_information_of_the_combined_joint():
         assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_gradient_reaches_both_task_batches_router_weights():
-    model = ModSquadModel(tiny_config(ALL_TASKS[:2])).train()
+def test_gradient_reaches_both_task_batches_router_weights(all_tasks, tiny_config):
+    model = ModSquadModel(tiny_config(all_tasks[:2])).train()
     routers = [m for m in model.modules() if isinstance(m, ModSquadTaskRouter)]
     with torch.no_grad():
         for router in routers:
@@ -149,6 +148,7 @@ def _all_reduce_worker(rank: int, world_size: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_across_two_processes_matches_single_process(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 
@@ -203,7 +203,7 @@ def test_router_z_loss_is_mean_squared_logsumexp():
     assert router_z_loss(routings).item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
 
 
-def test_backbone_losses_at_initialisation():
+def test_backbone_losses_at_initialisation(tiny_config):
     """Zero routers: uniform probabilities, so balance is exactly 1 and z-loss is log(num_experts)^2."""
     config = tiny_config(balance_loss_coef=0.3, z_loss_coef=0.01, router_init_std=0.0)
     out = ModSquadModel(config)(torch.randn(2, 3, 32, 32), output_router_logits=True)

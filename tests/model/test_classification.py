@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadImageClassifierOutput
 
 MULTI_LABEL = {
@@ -23,7 +22,7 @@ def _images(batch: int = 4) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32)
 
 
-def test_output_is_an_image_classifier_output_with_routing():
+def test_output_is_an_image_classifier_output_with_routing(tiny_config):
     config = tiny_config(z_loss_coef=0.1)
     model = ModSquadForImageClassification(config).eval()
     with torch.no_grad():
@@ -40,7 +39,7 @@ def test_output_is_an_image_classifier_output_with_routing():
     assert list(plain.keys()) == ["logits"]
 
 
-def test_single_label_loss_is_cross_entropy_plus_aux_loss():
+def test_single_label_loss_is_cross_entropy_plus_aux_loss(tiny_config):
     model = ModSquadForImageClassification(tiny_config(balance_loss_coef=0.5, z_loss_coef=0.1)).eval()
     images, labels = _images(), torch.tensor([0, 2, 1, 2])
     out = model(images, labels=labels, output_router_logits=True)
@@ -53,7 +52,7 @@ def test_single_label_loss_is_cross_entropy_plus_aux_loss():
     assert torch.allclose(model(images, labels=labels).loss, F.cross_entropy(out.logits, labels))
 
 
-def test_multi_label_loss_is_binary_cross_entropy_plus_aux_loss():
+def test_multi_label_loss_is_binary_cross_entropy_plus_aux_loss(tiny_config):
     model = ModSquadForImageClassification(tiny_config([MULTI_LABEL])).eval()
     assert model.config.problem_type == "multi_label_classification"
     labels = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]])
@@ -76,21 +75,21 @@ def test_multi_label_loss_is_binary_cross_entropy_plus_aux_loss():
         (torch.tensor([0, -1, 2, 0]), r"\[0, 3\)"),
     ],
 )
-def test_bad_single_label_labels_raise_value_error(labels, message):
+def test_bad_single_label_labels_raise_value_error(labels, message, tiny_config):
     model = ModSquadForImageClassification(tiny_config())
     with pytest.raises(ValueError, match=message):
         model(_images(), labels=labels)
 
 
 @pytest.mark.parametrize("labels", [torch.tensor([0, 1, 2, 3]), torch.ones(4, 3), torch.ones(3, 4)])
-def test_bad_multi_label_labels_raise_value_error(labels):
+def test_bad_multi_label_labels_raise_value_error(labels, tiny_config):
     model = ModSquadForImageClassification(tiny_config([MULTI_LABEL]))
     with pytest.raises(ValueError, match=r"multi-hot of shape \(4, 4\)"):
         model(_images(), labels=labels)
 
 
-def test_head_serves_the_chosen_task_of_a_multi_task_config():
-    tasks = [*ALL_TASKS, MULTI_LABEL]
+def test_head_serves_the_chosen_task_of_a_multi_task_config(tiny_config, all_tasks):
+    tasks = [*all_tasks, MULTI_LABEL]
     with pytest.raises(ValueError, match=r"several image-classification tasks \['cls', 'tags'\].*task="):
         ModSquadForImageClassification(tiny_config(tasks))
     with pytest.raises(ValueError, match="'seg' is a semantic-segmentation task"):
@@ -123,7 +122,8 @@ def _pattern_dataset(per_class: int = 8, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.stack(images), torch.tensor(labels)
 
 
-def test_tiny_model_learns_three_visual_classes():
+@pytest.mark.slow
+def test_tiny_model_learns_three_visual_classes(tiny_config):
     images, labels = _pattern_dataset()
     model = ModSquadForImageClassification(tiny_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -147,7 +147,7 @@ def test_tiny_model_learns_three_visual_classes():
     assert accuracy() >= 0.9
 
 
-def test_a_checkpoint_gets_a_new_head_the_transformers_way(tmp_path):
+def test_a_checkpoint_gets_a_new_head_the_transformers_way(tmp_path, tiny_config):
     """`from_pretrained(path, id2label=..., ignore_mismatched_sizes=True)` relabels the single task: new classifier,
     every other weight loaded (multi-task checkpoints: tests/model/test_transformers_contract.py)."""
     from transformers import AutoConfig, AutoModelForImageClassification

@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadConfig
-
-CLS = ALL_TASKS[0]
 
 
 @pytest.mark.parametrize(
@@ -17,7 +14,6 @@ CLS = ALL_TASKS[0]
         # (field, bad value, what is accepted) must all be in the message
         ({"num_experts_per_tok": 5}, ["num_experts_per_tok=5", "num_experts=4", "at most"]),
         ({"num_experts": [4, 1]}, ["num_experts_per_tok=2", "[4, 1]", "at most"]),
-        ({"tasks": [CLS, dict(CLS)]}, ["duplicate", "'cls'"]),
         (
             {"tasks": [{"name": "cap", "type": "image-captioning"}]},
             ["image-captioning", "semantic-segmentation"],
@@ -66,7 +62,7 @@ CLS = ALL_TASKS[0]
         ({"feature_layers": [4]}, ["feature_layers=[4]", "0..3"]),
     ],
 )
-def test_invalid_config_raises_value_error_naming_field_value_and_accepted(overrides, expected):
+def test_invalid_config_raises_value_error_naming_field_value_and_accepted(overrides, expected, tiny_config):
     with pytest.raises(ValueError) as error:
         tiny_config(**overrides)
     for fragment in expected:
@@ -93,7 +89,7 @@ def test_invalid_config_raises_value_error_naming_field_value_and_accepted(overr
         ),
     ],
 )
-def test_invalid_task_entry_raises_value_error(task, expected):
+def test_invalid_task_entry_raises_value_error(task, expected, tiny_config):
     with pytest.raises(ValueError) as error:
         tiny_config(tasks=[task])
     for fragment in expected:
@@ -110,7 +106,7 @@ def test_invalid_task_entry_raises_value_error(task, expected):
         ([], 4, []),
     ],
 )
-def test_moe_layers_select_the_moe_blocks(moe_layers, num_hidden_layers, expected):
+def test_moe_layers_select_the_moe_blocks(moe_layers, num_hidden_layers, expected, tiny_config):
     from modsquad import ModSquadModel
 
     config = tiny_config(moe_layers=moe_layers, num_hidden_layers=num_hidden_layers)
@@ -119,7 +115,7 @@ def test_moe_layers_select_the_moe_blocks(moe_layers, num_hidden_layers, expecte
     assert [i for i, block in enumerate(model.layers) if block.is_moe] == expected
 
 
-def test_per_layer_expert_counts_reach_the_blocks():
+def test_per_layer_expert_counts_reach_the_blocks(tiny_config):
     from modsquad import ModSquadModel
 
     config = tiny_config(moe_layers="all", num_experts=[2, 3, 4, 5])
@@ -128,7 +124,7 @@ def test_per_layer_expert_counts_reach_the_blocks():
     assert [block.mlp.router.weight.shape[1] for block in model.layers] == [2, 3, 4, 5]
 
 
-def test_defaults_are_derived():
+def test_defaults_are_derived(all_tasks, tiny_config):
     config = tiny_config(moe_attention=True, attention_experts_per_tok=2)
     assert config.intermediate_size == config.num_experts_per_tok * config.expert_intermediate_size == 64
     assert config.attention_num_experts == config.num_experts
@@ -144,11 +140,11 @@ def test_defaults_are_derived():
     assert task["id2label"] == {0: "circle", 1: "square", 2: "triangle"}
     assert task["label2id"] == {"circle": 0, "square": 1, "triangle": 2}
     assert task["problem_type"] == "single_label_classification"
-    assert tiny_config([ALL_TASKS[1]]).tasks[0]["ignore_index"] == 255
+    assert tiny_config([all_tasks[1]]).tasks[0]["ignore_index"] == 255
 
 
-def test_task_lookup_by_name_and_id():
-    config = tiny_config(ALL_TASKS)
+def test_task_lookup_by_name_and_id(all_tasks, tiny_config):
+    config = tiny_config(all_tasks)
     assert config.task_names == ["cls", "seg", "det", "depth"]
     assert config.task_index("det") == config.task_index(2) == 2
     assert config.get_task("depth")["type"] == "depth-estimation"
@@ -157,16 +153,27 @@ def test_task_lookup_by_name_and_id():
             config.task_index(bad)
 
 
+def test_duplicate_task_names_raise_value_error(all_tasks, tiny_config):
+    cls = all_tasks[0]
+    with pytest.raises(ValueError) as error:
+        tiny_config(tasks=[cls, dict(cls)])
+    for part in ["duplicate", "'cls'"]:
+        assert part in str(error.value)
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("num_tasks", "overrides"),
     [
-        {"tasks": ALL_TASKS},
-        {"tasks": [CLS], "moe_layers": [0, 3], "num_experts": [3, 4], "image_size": [48, 32]},
-        {"tasks": ALL_TASKS[:2], "moe_attention": True, "attention_num_experts": [2, 4]},
+        (4, {}),
+        (1, {"moe_layers": [0, 3], "num_experts": [3, 4], "image_size": [48, 32]}),
+        (2, {"moe_attention": True, "attention_num_experts": [2, 4]}),
     ],
 )
-def test_save_and_from_pretrained_round_trip_keeps_tasks_and_labels(tmp_path, overrides):
-    config = tiny_config(**overrides)
+def test_save_and_from_pretrained_round_trip_keeps_tasks_and_labels(
+    tmp_path, num_tasks, overrides, all_tasks, tiny_config
+):
+    """Over the first `num_tasks` of the four tasks."""
+    config = tiny_config(all_tasks[:num_tasks], **overrides)
     config.save_pretrained(tmp_path)
     loaded = ModSquadConfig.from_pretrained(tmp_path)
     auto_loaded = AutoConfig.from_pretrained(tmp_path)
@@ -183,7 +190,7 @@ def _without_path(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k != "_name_or_path"}
 
 
-def test_single_task_config_exposes_labels_at_top_level(tmp_path):
+def test_single_task_config_exposes_labels_at_top_level(tmp_path, all_tasks, tiny_config):
     config = tiny_config()
     assert config.id2label == {0: "circle", 1: "square", 2: "triangle"}
     assert config.label2id == {"circle": 0, "square": 1, "triangle": 2}
@@ -192,10 +199,10 @@ def test_single_task_config_exposes_labels_at_top_level(tmp_path):
     config.save_pretrained(tmp_path)
     assert ModSquadConfig.from_pretrained(tmp_path).id2label == config.id2label
 
-    multi_label = tiny_config([{**CLS, "problem_type": "multi_label_classification"}])
+    multi_label = tiny_config([{**all_tasks[0], "problem_type": "multi_label_classification"}])
     assert multi_label.problem_type == "multi_label_classification"
     # A depth task has no labels: the only labelled task still provides the top-level ones.
-    assert tiny_config([ALL_TASKS[3], ALL_TASKS[1]]).id2label == {0: "background", 1: "shape"}
+    assert tiny_config([all_tasks[3], all_tasks[1]]).id2label == {0: "background", 1: "shape"}
 
 
 @pytest.mark.parametrize(
@@ -209,7 +216,7 @@ def test_single_task_config_exposes_labels_at_top_level(tmp_path):
         ({"box_loss_coef": "big"}, "box_loss_coef must be a positive number, got 'big'"),
     ],
 )
-def test_head_options_are_checked_when_the_config_is_built(task, message):
+def test_head_options_are_checked_when_the_config_is_built(task, message, tiny_config):
     with pytest.raises(ValueError, match=message):
         tiny_config([{"name": "det", "type": "object-detection", "num_labels": 2, **task}])
     with pytest.raises(ValueError, match="silog_lambda must be a number in"):

@@ -1,4 +1,5 @@
-"""Depth estimation: head shapes, SILog loss, label checks, post-processing, pipeline, saving, and that it learns."""
+"""Depth estimation: head shapes, SILog loss, label checks, post-processing, and that it learns (saving, loading and
+the pipeline: tests/model/test_head_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,33 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForDepthEstimation, pipeline
 from transformers.modeling_outputs import DepthEstimatorOutput
 
-from conftest import ALL_TASKS, bright_shapes, tiny_config
 from modsquad import (
     ModSquadDepthEstimatorOutput,
     ModSquadForDepthEstimation,
-    ModSquadForMultiTask,
     ModSquadImageProcessor,
 )
 from modsquad.model.head_depth import silog_loss
 
-DEPTH_TASK = dict(ALL_TASKS[3], decoder_channels=16)
+
+@pytest.fixture(name="depth_task")
+def depth_task_fixture(all_tasks) -> dict:
+    return dict(all_tasks[3], decoder_channels=16)
 
 
-def depth_model(**task_options) -> ModSquadForDepthEstimation:
-    return ModSquadForDepthEstimation(tiny_config([dict(DEPTH_TASK, **task_options)])).eval()
+@pytest.fixture(name="depth_model")
+def depth_model_fixture(tiny_config, depth_task):
+    """The factory `depth_model(**task_options)`: a depth model of `depth_task` updated with the options."""
+
+    def depth_model(**task_options) -> ModSquadForDepthEstimation:
+        return ModSquadForDepthEstimation(tiny_config([dict(depth_task, **task_options)])).eval()
+
+    return depth_model
 
 
 def shapes_depth_dataset(
-    num_images: int = 16, size: int = 32, seed: int = 0
+    bright_shapes, num_images: int = 16, size: int = 32, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bright squares and discs at 1.5 m in front of a plane sloping from 3 m (top) to 5 m (bottom), on a dark noisy
     background; a few invalid (0) pixels per depth map."""
@@ -42,17 +49,8 @@ def shapes_depth_dataset(
     return (images - 0.5) / 0.5, labels
 
 
-@pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("depth")
-    depth_model().save_pretrained(folder)
-    ModSquadImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
-def test_depth_at_input_resolution_positive_and_bounded(height, width):
+def test_depth_at_input_resolution_positive_and_bounded(height, width, depth_model):
     model = depth_model(max_depth=4.0)
     outputs = model(torch.randn(2, 3, height, width), output_router_logits=True)
     assert isinstance(outputs, DepthEstimatorOutput) and isinstance(outputs, ModSquadDepthEstimatorOutput)
@@ -98,7 +96,7 @@ def test_silog_resizes_predictions_to_the_labels():
     assert silog_loss(torch.full((1, 8, 8), 2.0), labels).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_model_loss_is_silog_plus_aux_loss():
+def test_model_loss_is_silog_plus_aux_loss(depth_model):
     model = depth_model(silog_lambda=0.25)
     pixel_values, labels = torch.randn(2, 3, 32, 32), 1.0 + torch.rand(2, 32, 32)
     outputs = model(pixel_values, labels=labels, output_router_logits=True)
@@ -115,7 +113,7 @@ def test_model_loss_is_silog_plus_aux_loss():
         (torch.ones(3, 32, 32), r"got \(3, 32, 32\)"),
     ],
 )
-def test_bad_labels_raise(labels, message):
+def test_bad_labels_raise(labels, message, depth_model):
     with pytest.raises(ValueError, match=message):
         depth_model()(torch.randn(1, 3, 32, 32), labels=labels)
 
@@ -129,12 +127,12 @@ def test_bad_labels_raise(labels, message):
         ({"decoder_channels": 0}, "decoder_channels must be a positive int, got 0"),
     ],
 )
-def test_bad_task_options_raise(options, message):
+def test_bad_task_options_raise(options, message, depth_model):
     with pytest.raises(ValueError, match=message):
         depth_model(**options)
 
 
-def test_processor_targets_feed_the_model():
+def test_processor_targets_feed_the_model(depth_model):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(2)]
     depth_maps = [rng.uniform(0.5, 8.0, (40, 60)).astype(np.float32) for _ in range(2)]
@@ -160,40 +158,11 @@ def test_post_process_depth_estimation_sizes():
         processor.post_process_depth_estimation(outputs, target_sizes=[(4, 4)] * 3)
 
 
-def test_depth_estimation_pipeline(saved_folder):
-    estimator = pipeline("depth-estimation", model=str(saved_folder))
-    assert isinstance(estimator.model, ModSquadForDepthEstimation)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    result = estimator(image)
-    assert isinstance(result["predicted_depth"], torch.Tensor) and result["predicted_depth"].shape == (50, 70)
-    assert isinstance(result["depth"], Image.Image) and result["depth"].size == (70, 50)
-
-
-def test_save_load_round_trip_and_auto_class(saved_folder):
-    original = ModSquadForDepthEstimation.from_pretrained(saved_folder).eval()
-    loaded = AutoModelForDepthEstimation.from_pretrained(saved_folder).eval()
-    assert type(loaded) is ModSquadForDepthEstimation
-    pixel_values = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(original(pixel_values).predicted_depth, loaded(pixel_values).predicted_depth)
-
-
-def test_loads_one_task_out_of_a_multi_task_checkpoint(tmp_path):
-    tasks = [ALL_TASKS[0], dict(ALL_TASKS[1], decoder_channels=8), dict(DEPTH_TASK, max_depth=20.0)]
-    multi = ModSquadForMultiTask(tiny_config(tasks)).eval()
-    multi.save_pretrained(tmp_path)
-    model = ModSquadForDepthEstimation.from_pretrained(tmp_path, task="depth").eval()
-    assert model.task == "depth" and model.head.max_depth == 20.0
-    pixel_values = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = multi(pixel_values, task="depth").predicted_depth
-        torch.testing.assert_close(model(pixel_values).predicted_depth, expected)
-
-
-def test_learns_synthetic_depth(one_thread):
-    pixel_values, labels = shapes_depth_dataset(num_images=8)
+@pytest.mark.slow
+def test_learns_synthetic_depth(one_thread, depth_task, tiny_config, bright_shapes):
+    pixel_values, labels = shapes_depth_dataset(bright_shapes, num_images=8)
     # The scene spans 1.5-5 m: a max_depth near that range is what a user would set, and it learns faster than 10.
-    model = ModSquadForDepthEstimation(tiny_config([dict(DEPTH_TASK, decoder_channels=32, max_depth=6.0)]))
+    model = ModSquadForDepthEstimation(tiny_config([dict(depth_task, decoder_channels=32, max_depth=6.0)]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(120):

@@ -8,14 +8,11 @@ import pytest
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from PIL import Image, ImageDraw
-from transformers import AutoModelForObjectDetection, pipeline
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers import pipeline
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_for_object_detection import box_iou
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import (
-    ModSquadForMultiTask,
     ModSquadForObjectDetection,
     ModSquadImageProcessor,
     ModSquadObjectDetectionOutput,
@@ -25,8 +22,11 @@ from modsquad.model.processing_detection import post_process_object_detection, p
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DET_TASK = ALL_TASKS[2]  # "det": circle (0), square (1)
-CLS_TASK = ALL_TASKS[0]
+
+@pytest.fixture(name="det_task")
+def det_task_fixture(all_tasks) -> dict:
+    """The "det" task: circle (0), square (1)."""
+    return all_tasks[2]
 
 
 def _labels(*boxes_per_image) -> list[dict]:
@@ -107,13 +107,13 @@ def _coco_ap(annotations: list[dict], detections: list[dict], size: int) -> tupl
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained(one_thread, tiny_config, fresh_tasks):
     """A tiny detector trained for a few seconds on 8 generated 64x64 scenes resized to 32x32 by the processor."""
     torch.manual_seed(0)
     processor = ModSquadImageProcessor(size={"height": 32, "width": 32})
     images, annotations = _draw_scenes(8, size=64, seed=0)
     batch = processor(images, annotations=annotations, return_tensors="pt")
-    model = ModSquadForObjectDetection(tiny_config([DET_TASK]))
+    model = ModSquadForObjectDetection(tiny_config([fresh_tasks()["det"]]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
     for _ in range(100):
@@ -128,8 +128,8 @@ def trained(one_thread):
 @pytest.mark.parametrize(
     ("height", "width", "stride", "queries"), [(32, 32, 4, 8 * 8), (32, 48, 4, 8 * 12), (48, 32, 8, 6 * 4)]
 )
-def test_output_shapes_square_and_non_square(height, width, stride, queries):
-    model = ModSquadForObjectDetection(tiny_config([{**DET_TASK, "output_stride": stride}]))
+def test_output_shapes_square_and_non_square(height, width, stride, queries, det_task, tiny_config):
+    model = ModSquadForObjectDetection(tiny_config([{**det_task, "output_stride": stride}]))
     labels = _labels([(0, [0.3, 0.3, 0.2, 0.2]), (1, [0.7, 0.6, 0.3, 0.5])], [])
     labels[1] = {"class_labels": [], "boxes": []}  # an image without objects, as plain lists
     out = model(torch.randn(2, 3, height, width), labels=labels, output_router_logits=True)
@@ -148,13 +148,13 @@ def test_output_shapes_square_and_non_square(height, width, stride, queries):
     assert model.modsquad.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
-def test_loss_is_the_heads_own_not_detrs_hungarian_loss(monkeypatch):
+def test_loss_is_the_heads_own_not_detrs_hungarian_loss(monkeypatch, det_task, tiny_config):
     # Transformers maps "...ForObjectDetection" to DETR's Hungarian loss: it must never be reached.
     def no_stock_loss(self):
         raise AssertionError("the stock loss_function was used")
 
     monkeypatch.setattr(ModSquadForObjectDetection, "loss_function", property(no_stock_loss))
-    model = ModSquadForObjectDetection(tiny_config([DET_TASK], balance_loss_coef=0.1)).eval()
+    model = ModSquadForObjectDetection(tiny_config([det_task], balance_loss_coef=0.1)).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = _labels([(1, [0.5, 0.5, 0.25, 0.25])], [(0, [0.25, 0.75, 0.5, 0.4])])
     out = model(pixel_values, labels=labels, output_hidden_states=True, output_router_logits=True)
@@ -168,11 +168,11 @@ def test_loss_is_the_heads_own_not_detrs_hungarian_loss(monkeypatch):
     assert len(out.hidden_states) == 5
 
 
-def test_bad_task_options_raise():
+def test_bad_task_options_raise(det_task, tiny_config):
     with pytest.raises(ValueError, match=r"output_stride=3 must divide patch_size=8.*\[1, 2, 4, 8\]"):
-        ModSquadForObjectDetection(tiny_config([{**DET_TASK, "output_stride": 3}]))
+        ModSquadForObjectDetection(tiny_config([{**det_task, "output_stride": 3}]))
     with pytest.raises(ValueError, match="head_channels must be a positive int, got 0"):
-        ModSquadForObjectDetection(tiny_config([{**DET_TASK, "head_channels": 0}]))
+        ModSquadForObjectDetection(tiny_config([{**det_task, "head_channels": 0}]))
 
 
 # -------------------------------------------------------------------------------------------- bad labels
@@ -216,8 +216,8 @@ GOOD = {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2
         ),
     ],
 )
-def test_bad_labels_raise_naming_image_and_value(labels, message):
-    model = ModSquadForObjectDetection(tiny_config([DET_TASK]))
+def test_bad_labels_raise_naming_image_and_value(labels, message, det_task, tiny_config):
+    model = ModSquadForObjectDetection(tiny_config([det_task]))
     with pytest.raises(ValueError, match=message):
         model(torch.randn(2, 3, 32, 32), labels=labels)
 
@@ -329,53 +329,15 @@ def test_prepare_labels_clips_drops_slivers_and_checks_categories():
 
 
 # ------------------------------------------------------------------------------------ saving and loading
-def test_save_load_round_trip_and_auto_class(tmp_path):
-    model = ModSquadForObjectDetection(tiny_config([DET_TASK])).eval()
-    model.save_pretrained(tmp_path)
-    pixel_values = torch.randn(1, 3, 32, 32)
-
-    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
-    assert type(loaded) is ModSquadForObjectDetection
-    assert loaded.config.id2label == {0: "circle", 1: "square"}
-    with torch.no_grad():
-        expected, got = model(pixel_values), loaded(pixel_values)
-    torch.testing.assert_close(got.logits, expected.logits)
-    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes)
-
-    # the folder also loads as remote code: the flat modules the head imports travel with it
-    assert (
-        loaded.config.auto_map["AutoModelForObjectDetection"] == "head_detection.ModSquadForObjectDetection"
-    )
+# ------------------------------------------------------------------------------------ saving and loading
+def test_a_saved_folder_ships_the_modules_the_head_imports(det_task, tiny_config, tmp_path):
+    """(Saving, loading and remote code of every head: tests/model/test_head_contract.py.)"""
+    ModSquadForObjectDetection(tiny_config([det_task])).save_pretrained(tmp_path)
     assert {"head_detection.py", "loss_detection.py", "box_ops.py"} <= {p.name for p in tmp_path.iterdir()}
-    # (the Auto class prefers the installed package, so import the folder's copy the way remote code is imported)
-    remote_class = get_class_from_dynamic_module("head_detection.ModSquadForObjectDetection", str(tmp_path))
-    assert remote_class is not ModSquadForObjectDetection
-    remote = remote_class.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(remote(pixel_values).pred_boxes, expected.pred_boxes)
-
-
-def test_from_multi_task_checkpoint(tmp_path):
-    config = tiny_config([CLS_TASK, DET_TASK, {**DET_TASK, "name": "det2", "labels": ["a", "b", "c"]}])
-    multi = ModSquadForMultiTask(config).eval()
-    multi.save_pretrained(tmp_path)
-    pixel_values = torch.randn(2, 3, 32, 32)
-
-    for task, num_labels in (("det", 2), ("det2", 3)):
-        detector = ModSquadForObjectDetection.from_pretrained(tmp_path, task=task).eval()
-        assert list(detector.heads) == [task]
-        assert len(detector.config.id2label) == num_labels
-        with torch.no_grad():
-            expected, got = multi(pixel_values, task=task), detector(pixel_values)
-        torch.testing.assert_close(got.logits, expected.logits)
-        torch.testing.assert_close(got.pred_boxes, expected.pred_boxes)
-    with pytest.raises(ValueError, match=r"several object-detection tasks \['det', 'det2'\]"):
-        ModSquadForObjectDetection.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'cls' is a image-classification task"):
-        ModSquadForObjectDetection.from_pretrained(tmp_path, task="cls")
 
 
 # --------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_tiny_model_learns_to_find_the_boxes(trained):
     model, processor, _, annotations, batch = trained
     with torch.no_grad():
@@ -385,6 +347,7 @@ def test_tiny_model_learns_to_find_the_boxes(trained):
     assert ap50 > 0.9, f"AP50={ap50:.3f} (AP={ap:.3f})"
 
 
+@pytest.mark.slow
 def test_stock_pipeline_on_a_saved_folder(trained, tmp_path):
     model, processor, images, annotations, _ = trained
     model.save_pretrained(tmp_path)

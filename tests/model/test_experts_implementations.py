@@ -12,8 +12,7 @@ from torch.testing import assert_close
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import modsquad.model.moe as moe
-from conftest import tiny_config
-from modsquad import SORTED_MM, ModSquadForImageClassification
+from modsquad import SORTED_MM, ModSquadConfig, ModSquadForImageClassification
 from modsquad.cli import main
 from modsquad.commands.benchmark import MoECase, format_table, measure_case
 from modsquad.model.modeling_modsquad import eager_attention_forward
@@ -27,8 +26,16 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def _runs_on_cpu(name: str) -> bool:
-    """Whether an experts implementation accepts fp32 GELU experts on CPU (deepgemm and sonicmoe refuse)."""
-    config = tiny_config(num_experts=2, num_experts_per_tok=1)
+    """Whether an experts implementation accepts fp32 GELU experts on CPU (deepgemm and sonicmoe refuse). Runs at
+    collection (it picks the parametrisation), so with a config of its own rather than the `tiny_config` fixture."""
+    config = ModSquadConfig(
+        tasks=[{"name": "cls", "type": "image-classification", "num_labels": 3}],
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_experts=2,
+        num_experts_per_tok=1,
+        expert_intermediate_size=32,
+    )
     config._experts_implementation = name
     experts = ModSquadExperts(config, 2)
     for param in experts.parameters():
@@ -58,7 +65,7 @@ ROUTINGS = {
 }
 
 
-def _sparse_mlp(num_experts: int, top_k: int, norm_topk_prob: bool, routing: str):
+def _sparse_mlp(tiny_config, num_experts: int, top_k: int, norm_topk_prob: bool, routing: str):
     """A randomly initialised MoE MLP and tokens for it. `skewed`: every token picks the first expert and none the
     last (a constant input feature pushes their router logits far up and far down)."""
     config = tiny_config(
@@ -95,8 +102,8 @@ def _outputs_and_gradients(mlp: ModSquadSparseMLP, hidden: torch.Tensor, grad_ou
 
 @pytest.mark.parametrize("routing_name", list(ROUTINGS))
 @pytest.mark.parametrize("implementation", KERNELS)
-def test_kernel_matches_eager_outputs_and_gradients(implementation, routing_name):
-    mlp, config, hidden = _sparse_mlp(*ROUTINGS[routing_name])
+def test_kernel_matches_eager_outputs_and_gradients(implementation, routing_name, tiny_config):
+    mlp, config, hidden = _sparse_mlp(tiny_config, *ROUTINGS[routing_name])
     grad_out = torch.randn_like(hidden)
     config._experts_implementation = "eager"
     expected = _outputs_and_gradients(mlp, hidden, grad_out)
@@ -130,10 +137,10 @@ def test_dispatch_gives_every_slot_its_own_row_reading_its_token():
     assert dispatch.expert_of_row.tolist() == expert_of_row
 
 
-def test_sorted_mm_results_do_not_depend_on_unused_experts():
+def test_sorted_mm_results_do_not_depend_on_unused_experts(tiny_config):
     """An expert's GEMM sees only its own rows: experts nobody chose (a grown model's new experts, as seen by an
     old task) change no bit of the output or of the used experts' gradients."""
-    mlp, config, hidden = _sparse_mlp(*ROUTINGS["balanced"])
+    mlp, config, hidden = _sparse_mlp(tiny_config, *ROUTINGS["balanced"])
     config._experts_implementation = SORTED_MM
     tokens = hidden.reshape(-1, HIDDEN)
     top_k_index = torch.randint(0, 4, (tokens.shape[0], 2))
@@ -152,8 +159,8 @@ def test_sorted_mm_results_do_not_depend_on_unused_experts():
         assert torch.equal(small, large)
 
 
-def test_an_expert_without_tokens_gets_zero_gradients():
-    mlp, config, hidden = _sparse_mlp(*ROUTINGS["uneven_with_an_empty_expert"])
+def test_an_expert_without_tokens_gets_zero_gradients(tiny_config):
+    mlp, config, hidden = _sparse_mlp(tiny_config, *ROUTINGS["uneven_with_an_empty_expert"])
     config._experts_implementation = SORTED_MM
     mlp(hidden, 0)[0].sum().backward()
     for param in (
@@ -167,7 +174,7 @@ def test_an_expert_without_tokens_gets_zero_gradients():
 
 
 # ------------------------------------------------------------------------------------ whole-model switching
-def test_checkpoint_loads_with_any_kernel_and_switches_without_changing_logits(tmp_path):
+def test_checkpoint_loads_with_any_kernel_and_switches_without_changing_logits(tmp_path, tiny_config):
     model = ModSquadForImageClassification(tiny_config())
     with torch.no_grad():
         for module in model.modules():
@@ -222,7 +229,7 @@ def _naive_attention_experts(module: ModSquadAttentionExperts, hidden: torch.Ten
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_attention_experts_match_the_per_token_definition(attn_implementation, top_k):
+def test_attention_experts_match_the_per_token_definition(attn_implementation, top_k, tiny_config):
     config = tiny_config(moe_attention=True, num_experts=4, num_experts_per_tok=top_k)
     config._attn_implementation = attn_implementation
     module = ModSquadAttentionExperts(config, 4, eager_attention_forward)

@@ -27,6 +27,7 @@ def _model(tiny_config, **overrides) -> ModSquadForImageClassification:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exported_classifier_matches_eager_for_new_routings(tiny_config, variant):
     model = _model(tiny_config, **VARIANTS[variant])

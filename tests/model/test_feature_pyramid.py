@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForMultiTask, ModSquadModel, ModSquadModelOutput
 from modsquad.model.feature_pyramid import (
     ModSquadFeaturePyramid,
@@ -33,7 +32,7 @@ def test_scales_follow_the_patch_size(patch_size, scales):
     assert pyramid_scales(patch_size) == scales
 
 
-def test_patch16_gives_strides_4_to_32_on_non_square_input():
+def test_patch16_gives_strides_4_to_32_on_non_square_input(tiny_config):
     config = tiny_config(patch_size=16)
     pyramid, levels = run_pyramid(config, torch.randn(2, 3, 64, 32))
     assert pyramid.strides == (4.0, 8.0, 16.0, 32.0)
@@ -54,7 +53,7 @@ def test_patch16_gives_strides_4_to_32_on_non_square_input():
         (24, 40, [(12, 20), (6, 10), (3, 5), (2, 3)]),
     ],
 )
-def test_level_shapes_with_8px_patches(height, width, expected):
+def test_level_shapes_with_8px_patches(height, width, expected, tiny_config):
     _, levels = run_pyramid(tiny_config(), torch.randn(1, 3, height, width))
     assert [tuple(level.shape[-2:]) for level in levels] == expected
     assert all(level.shape[:2] == (1, 8) for level in levels)
@@ -69,7 +68,7 @@ def test_level_shapes_with_8px_patches(height, width, expected):
         ([0, 1, 2, 3, 4], (0, 1, 3, 4)),
     ],
 )
-def test_feature_layers_spread_over_levels(feature_layers, expected):
+def test_feature_layers_spread_over_levels(feature_layers, expected, tiny_config):
     config = tiny_config(num_hidden_layers=5, feature_layers=feature_layers)
     pyramid = ModSquadFeaturePyramid(config, 8)
     assert pyramid.level_layers == expected
@@ -79,7 +78,7 @@ def _backbone_output(hidden_states: tuple, last_hidden_state: torch.Tensor) -> M
     return ModSquadModelOutput(hidden_states=hidden_states, last_hidden_state=last_hidden_state)
 
 
-def test_each_level_reads_its_own_block():
+def test_each_level_reads_its_own_block(tiny_config):
     config = tiny_config(feature_layers=[0, 1, 2, 3])
     pyramid = ModSquadFeaturePyramid(config, 8).eval()
     hidden_states = tuple(torch.randn(2, 2 + 16, config.hidden_size) for _ in range(5))
@@ -92,7 +91,7 @@ def test_each_level_reads_its_own_block():
     assert [not torch.equal(a, b) for a, b in zip(before, after)] == [False, True, False, False]
 
 
-def test_the_last_block_is_read_through_the_backbones_final_layernorm():
+def test_the_last_block_is_read_through_the_backbones_final_layernorm(tiny_config):
     config = tiny_config(feature_layers=[0, 1, 2, 3])
     pyramid = ModSquadFeaturePyramid(config, 8).eval()
     hidden_states = tuple(torch.randn(2, 2 + 16, config.hidden_size) for _ in range(5))
@@ -109,7 +108,7 @@ def test_the_last_block_is_read_through_the_backbones_final_layernorm():
     assert isinstance(pyramid.norms[3], nn.Identity)  # no LayerNorm of its own on top of the backbone's
 
 
-def test_dense_models_train_the_final_layernorm(all_tasks):
+def test_dense_models_train_the_final_layernorm(all_tasks, tiny_config):
     """With dense tasks only, every backbone parameter still gets a gradient (DDP's unused-parameter check)."""
     for task in all_tasks[1:]:
         task["head_channels" if task["type"] == "object-detection" else "decoder_channels"] = 8
@@ -152,16 +151,16 @@ def test_upsample2x_equals_a_2x2_stride2_transposed_conv():
         torch.testing.assert_close(upsample(features), transposed(features))
 
 
-def test_bad_widths_raise():
+def test_bad_widths_raise(all_tasks, tiny_config):
     config = tiny_config()
     with pytest.raises(ValueError, match="out_channels must be a positive int, got 0"):
         ModSquadFeaturePyramid(config, 0)
     with pytest.raises(ValueError, match="decoder_channels must be a positive int, got 'wide'"):
-        dense_head_channels(dict(ALL_TASKS[1], decoder_channels="wide"))
-    assert dense_head_channels(ALL_TASKS[1]) == 256
+        dense_head_channels(dict(all_tasks[1], decoder_channels="wide"))
+    assert dense_head_channels(all_tasks[1]) == 256
 
 
-def test_missing_hidden_states_raise():
+def test_missing_hidden_states_raise(tiny_config):
     pyramid = ModSquadFeaturePyramid(tiny_config(), 8)
     without = _backbone_output(None, torch.randn(2, 18, 64))
     with pytest.raises(ValueError, match="hidden state of block 0: run it with output_hidden_states=True"):

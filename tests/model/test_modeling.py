@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from conftest import ALL_TASKS, tiny_config
 from modsquad import ModSquadForImageClassification, ModSquadModel, RoutingStatistics
 from modsquad.model.modeling_modsquad import NUM_PREFIX_TOKENS
 from modsquad.model.moe import ModSquadTaskRouter
@@ -34,9 +33,9 @@ def _routers(model: torch.nn.Module) -> list[ModSquadTaskRouter]:
 
 # ---------------------------------------------------------------------------------------------- output fields
 @pytest.mark.parametrize("moe_attention", [False, True])
-def test_output_fields_and_shapes(moe_attention):
+def test_output_fields_and_shapes(moe_attention, all_tasks, tiny_config):
     config = tiny_config(
-        ALL_TASKS,
+        all_tasks,
         moe_attention=moe_attention,
         num_experts=[3, 4],
         attention_num_experts=[2, 5] if moe_attention else None,
@@ -81,7 +80,7 @@ def test_output_fields_and_shapes(moe_attention):
     assert torch.allclose(as_tuple[0], plain.last_hidden_state)
 
 
-def test_model_without_moe_blocks_has_no_routing():
+def test_model_without_moe_blocks_has_no_routing(tiny_config):
     model = ModSquadModel(tiny_config(moe_layers=[])).eval()
     out = model(_images(), output_router_logits=True)
     assert out.router_logits == () and out.aux_loss is None
@@ -89,8 +88,8 @@ def test_model_without_moe_blocks_has_no_routing():
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
-def test_task_by_name_and_by_id_give_the_same_result():
-    model = ModSquadModel(tiny_config(ALL_TASKS, output_router_logits=True)).eval()
+def test_task_by_name_and_by_id_give_the_same_result(all_tasks, tiny_config):
+    model = ModSquadModel(tiny_config(all_tasks, output_router_logits=True)).eval()
     _randomise_routers(model)
     images = _images()
     with torch.no_grad():
@@ -102,14 +101,14 @@ def test_task_by_name_and_by_id_give_the_same_result():
 
 
 @pytest.mark.parametrize("task", ["segmentation", 4, -1])
-def test_unknown_task_raises_listing_the_tasks(task):
-    model = ModSquadModel(tiny_config(ALL_TASKS))
+def test_unknown_task_raises_listing_the_tasks(task, all_tasks, tiny_config):
+    model = ModSquadModel(tiny_config(all_tasks))
     with pytest.raises(ValueError, match=r"unknown task.*\['cls', 'seg', 'det', 'depth'\]"):
         model(_images(), task=task)
 
 
-def test_tasks_differ_only_through_their_routers_and_task_tokens():
-    model = ModSquadModel(tiny_config(ALL_TASKS[:2], router_init_std=0.0, output_router_logits=True)).eval()
+def test_tasks_differ_only_through_their_routers_and_task_tokens(all_tasks, tiny_config):
+    model = ModSquadModel(tiny_config(all_tasks[:2], router_init_std=0.0, output_router_logits=True)).eval()
     images = _images()
 
     def outputs():
@@ -139,7 +138,7 @@ def test_tasks_differ_only_through_their_routers_and_task_tokens():
 
 
 # ----------------------------------------------------------------------------------------- position embeddings
-def test_native_size_uses_the_position_embeddings_unchanged():
+def test_native_size_uses_the_position_embeddings_unchanged(tiny_config):
     model = ModSquadModel(tiny_config(image_size=[48, 32])).eval()
     embeddings = model.embeddings
     assert embeddings.position_embeddings.shape == (1, 1 + 6 * 4, 64)
@@ -154,7 +153,7 @@ def test_native_size_uses_the_position_embeddings_unchanged():
 
 
 @pytest.mark.parametrize(("height", "width"), [(48, 32), (32, 48), (64, 64), (16, 24)])
-def test_position_embeddings_interpolate_for_other_sizes(height, width):
+def test_position_embeddings_interpolate_for_other_sizes(height, width, tiny_config):
     model = ModSquadModel(tiny_config()).eval()
     with torch.no_grad():
         out = model(_images(2, height, width))
@@ -163,7 +162,7 @@ def test_position_embeddings_interpolate_for_other_sizes(height, width):
     assert torch.isfinite(out.last_hidden_state).all()
 
 
-def test_interpolation_keeps_rows_and_columns_apart():
+def test_interpolation_keeps_rows_and_columns_apart(tiny_config):
     """On a 48x32 image only the height grows: embeddings that vary along the width only must be kept as they are
     in every row, and the [CLS] embedding is never touched."""
     model = ModSquadModel(tiny_config())
@@ -185,8 +184,8 @@ def test_interpolation_keeps_rows_and_columns_apart():
 
 # ------------------------------------------------------------------------------------------ attention backends
 @pytest.mark.parametrize("moe_attention", [False, True])
-def test_sdpa_and_eager_attention_agree(tmp_path, moe_attention):
-    config = tiny_config(ALL_TASKS[:2], moe_attention=moe_attention, output_router_logits=True)
+def test_sdpa_and_eager_attention_agree(tmp_path, moe_attention, all_tasks, tiny_config):
+    config = tiny_config(all_tasks[:2], moe_attention=moe_attention, output_router_logits=True)
     model = ModSquadModel(config)
     _randomise_routers(model)
     model.save_pretrained(tmp_path)
@@ -217,8 +216,8 @@ def _step_loss_and_grads(model, images, labels):
 
 
 @pytest.mark.parametrize("moe_attention", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(moe_attention):
-    config = tiny_config(ALL_TASKS[:2], moe_attention=moe_attention, balance_loss_coef=0.1, z_loss_coef=0.1)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(moe_attention, all_tasks, tiny_config):
+    config = tiny_config(all_tasks[:2], moe_attention=moe_attention, balance_loss_coef=0.1, z_loss_coef=0.1)
     model = ModSquadForImageClassification(config).train()
     _randomise_routers(model)
     checkpointed = copy.deepcopy(model)
@@ -242,14 +241,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(moe_attention)
         assert torch.allclose(grad, checkpointed_grads[name], atol=1e-6), name
 
 
-def test_reentrant_checkpointing_is_refused():
+def test_reentrant_checkpointing_is_refused(tiny_config):
     model = ModSquadForImageClassification(tiny_config())
     with pytest.raises(ValueError, match="use_reentrant=True"):
         model.activation_checkpointing_enable({"use_reentrant": True})
 
 
 # ---------------------------------------------------------------------------------------------- stochastic depth
-def test_drop_path_is_active_only_in_training():
+def test_drop_path_is_active_only_in_training(tiny_config):
     model = ModSquadModel(tiny_config(drop_path_rate=0.5))
     reference = ModSquadModel(tiny_config(drop_path_rate=0.0))
     reference.load_state_dict(model.state_dict())
@@ -286,8 +285,8 @@ def _assert_initialised(model: torch.nn.Module) -> None:
             assert 0.01 < param.std() < 0.03, name
 
 
-def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_path):
-    config = tiny_config(ALL_TASKS, moe_attention=True)
+def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_path, all_tasks, tiny_config):
+    config = tiny_config(all_tasks, moe_attention=True)
     _assert_initialised(ModSquadModel(config))
     _assert_initialised(AutoModel.from_config(config))
 
@@ -302,7 +301,7 @@ def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_pat
         assert torch.equal(loaded.state_dict()[key], value)
     # routers started at zero give uniform routing probabilities for every task
     with torch.no_grad():
-        probs = ModSquadModel(tiny_config(ALL_TASKS, router_init_std=0.0))(
+        probs = ModSquadModel(tiny_config(all_tasks, router_init_std=0.0))(
             _images(), task="depth", output_router_logits=True
         ).router_probs
     assert all(torch.allclose(p, torch.full_like(p, 0.25)) for p in probs)
@@ -312,7 +311,7 @@ def test_every_parameter_is_initialised_and_zero_routers_route_uniformly(tmp_pat
 @pytest.mark.parametrize(
     "noise", [{"router_noise_std": 1.0}, {"router_jitter_noise": 0.5}], ids=["noise_std", "jitter"]
 )
-def test_router_noise_only_in_training(noise):
+def test_router_noise_only_in_training(noise, tiny_config):
     model = ModSquadModel(tiny_config(**noise, output_router_logits=True))
     reference = ModSquadModel(tiny_config(output_router_logits=True))
     _randomise_routers(model, std=0.05)
@@ -336,7 +335,7 @@ def test_router_noise_only_in_training(noise):
         assert torch.allclose(first.router_probs[0], clean.router_probs[0], atol=1e-6)
 
 
-def test_norm_topk_prob_on_and_off():
+def test_norm_topk_prob_on_and_off(tiny_config):
     hidden = torch.randn(10, 64)
     weights = {}
     for norm in (True, False):

@@ -18,7 +18,6 @@ from modsquad import (
 )
 from modsquad.adaptation.continual import add_task
 from modsquad.pruning.usage import router_layout
-from pruning_helpers import specialise
 
 TWO_TASKS = [
     {"name": "cls", "type": "image-classification", "num_labels": 3},
@@ -134,7 +133,7 @@ def test_routers_start_random_so_tokens_spread_over_experts(tiny_config):
         tiny_config(TWO_TASKS, router_init_std=-0.1)
 
 
-def test_reference_variant_prunes_exactly_and_grows_by_a_task(tiny_config):
+def test_reference_variant_prunes_exactly_and_grows_by_a_task(tiny_config, specialise):
     model = specialise(
         ModSquadForMultiTask(tiny_config(TWO_TASKS, **REFERENCE))
     )  # tasks on their own experts

@@ -1,4 +1,5 @@
-"""Semantic segmentation: head shapes, loss, label checks, post-processing, pipeline, saving, and that it learns."""
+"""Semantic segmentation: head shapes, loss, label checks, post-processing, and that it learns (saving, loading and
+the pipeline: tests/model/test_head_contract.py)."""
 
 from __future__ import annotations
 
@@ -7,43 +8,41 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForSemanticSegmentation, pipeline
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from conftest import ALL_TASKS, bright_shapes, tiny_config
 from modsquad import (
-    ModSquadForImageClassification,
-    ModSquadForMultiTask,
     ModSquadForSemanticSegmentation,
     ModSquadImageProcessor,
     ModSquadSemanticSegmenterOutput,
 )
 
-SEG_TASK = dict(ALL_TASKS[1], decoder_channels=16)
+
+@pytest.fixture(name="seg_task")
+def seg_task_fixture(all_tasks) -> dict:
+    return dict(all_tasks[1], decoder_channels=16)
 
 
-def seg_model(**task_options) -> ModSquadForSemanticSegmentation:
-    return ModSquadForSemanticSegmentation(tiny_config([dict(SEG_TASK, **task_options)])).eval()
+@pytest.fixture(name="seg_model")
+def seg_model_fixture(tiny_config, seg_task):
+    """The factory `seg_model(**task_options)`: a segmentation model of `seg_task` updated with the options."""
+
+    def seg_model(**task_options) -> ModSquadForSemanticSegmentation:
+        return ModSquadForSemanticSegmentation(tiny_config([dict(seg_task, **task_options)])).eval()
+
+    return seg_model
 
 
-def shapes_dataset(num_images: int = 16, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def shapes_dataset(
+    bright_shapes, num_images: int = 16, size: int = 32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dark noisy backgrounds with two bright squares or discs each; the mask is 1 on shape pixels."""
     images, shapes = bright_shapes(num_images, size, torch.Generator().manual_seed(seed))
     masks = shapes.long()
     return (images - 0.5) / 0.5, masks
 
 
-@pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("seg")
-    seg_model().save_pretrained(folder)
-    ModSquadImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
-def test_logits_at_the_finest_pyramid_level(height, width):
+def test_logits_at_the_finest_pyramid_level(height, width, seg_model):
     model = seg_model()
     outputs = model(torch.randn(2, 3, height, width), output_router_logits=True)
     assert isinstance(outputs, SemanticSegmenterOutput) and isinstance(
@@ -55,7 +54,7 @@ def test_logits_at_the_finest_pyramid_level(height, width):
     assert outputs.aux_loss is not None and len(outputs.router_logits) == len(outputs.expert_indices) == 2
 
 
-def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index():
+def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index(seg_model):
     model = seg_model()
     pixel_values = torch.randn(2, 3, 32, 32)
     labels = torch.randint(0, 2, (2, 32, 32))
@@ -66,14 +65,14 @@ def test_loss_is_cross_entropy_on_upsampled_logits_with_ignore_index():
     torch.testing.assert_close(outputs.loss - outputs.aux_loss, expected)
 
 
-def test_fully_ignored_batch_gives_zero_loss_not_nan():
+def test_fully_ignored_batch_gives_zero_loss_not_nan(seg_model):
     model = seg_model()
     outputs = model(torch.randn(1, 3, 32, 32), labels=torch.full((1, 32, 32), 255), output_router_logits=True)
     assert torch.isfinite(outputs.loss)
     torch.testing.assert_close(outputs.loss - outputs.aux_loss, torch.tensor(0.0))
 
 
-def test_custom_ignore_index_from_the_task_entry():
+def test_custom_ignore_index_from_the_task_entry(seg_model):
     model = seg_model(ignore_index=-1)
     labels = torch.zeros(1, 32, 32, dtype=torch.long)
     labels[0, 0] = -1
@@ -93,17 +92,17 @@ def test_custom_ignore_index_from_the_task_entry():
         (torch.zeros(2, 4, 4, dtype=torch.long), r"got \(2, 4, 4\)"),
     ],
 )
-def test_bad_labels_raise(labels, message):
+def test_bad_labels_raise(labels, message, seg_model):
     with pytest.raises(ValueError, match=message):
         seg_model()(torch.randn(1, 3, 32, 32), labels=labels)
 
 
-def test_bad_decoder_channels_raise():
+def test_bad_decoder_channels_raise(seg_model):
     with pytest.raises(ValueError, match="decoder_channels must be a positive int, got -4"):
         seg_model(decoder_channels=-4)
 
 
-def test_processor_targets_feed_the_model():
+def test_processor_targets_feed_the_model(seg_model):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(2)]
     maps = [rng.integers(0, 2, (40, 60)) for _ in range(2)]
@@ -137,63 +136,10 @@ def test_post_process_resizes_then_takes_argmax():
         processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4), (4, 0)])
 
 
-def test_image_segmentation_pipeline(saved_folder):
-    segmenter = pipeline("image-segmentation", model=str(saved_folder))
-    assert isinstance(segmenter.model, ModSquadForSemanticSegmentation)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    results = segmenter(image)
-    assert results and {r["label"] for r in results} <= {"background", "shape"}
-    for result in results:
-        assert result["score"] is None
-        assert result["mask"].mode == "L" and result["mask"].size == (70, 50)
-    # the masks of a semantic map cover every pixel exactly once
-    coverage = sum(np.asarray(r["mask"], dtype=np.int64) // 255 for r in results)
-    assert (coverage == 1).all()
-
-
-def test_save_load_round_trip_and_auto_class(saved_folder):
-    original = ModSquadForSemanticSegmentation.from_pretrained(saved_folder).eval()
-    loaded = AutoModelForSemanticSegmentation.from_pretrained(saved_folder).eval()
-    assert type(loaded) is ModSquadForSemanticSegmentation
-    pixel_values = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(original(pixel_values).logits, loaded(pixel_values).logits)
-    assert (
-        type(AutoModelForSemanticSegmentation.from_config(loaded.config)) is ModSquadForSemanticSegmentation
-    )
-
-
-def test_loads_one_task_out_of_a_multi_task_checkpoint(tmp_path):
-    tasks = [ALL_TASKS[0], SEG_TASK, dict(ALL_TASKS[3], decoder_channels=8)]
-    multi = ModSquadForMultiTask(tiny_config(tasks)).eval()
-    multi.save_pretrained(tmp_path)
-    model = ModSquadForSemanticSegmentation.from_pretrained(tmp_path, task="seg").eval()
-    assert model.task == "seg" and list(model.heads) == ["seg"]
-    assert model.config.id2label == {0: "background", 1: "shape"}
-    pixel_values = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values).logits, multi(pixel_values, task="seg").logits)
-
-
-def test_head_missing_from_the_checkpoint_is_initialised(tmp_path):
-    # A classification checkpoint has no segmentation head: _init_weights must cover every one of its weights
-    # (anything it misses would stay uninitialised memory).
-    config = tiny_config([ALL_TASKS[0], SEG_TASK])
-    ModSquadForImageClassification(config, task="cls").save_pretrained(tmp_path)
-    model = ModSquadForSemanticSegmentation.from_pretrained(tmp_path, task="seg")
-    for name, module in model.heads.named_modules():
-        if isinstance(module, nn.Conv2d):
-            if module.weight.numel() > 100:  # truncated normal, std = initializer_range
-                assert 0.01 < module.weight.std() < 0.03, name
-            assert module.bias is None or torch.equal(module.bias, torch.zeros_like(module.bias)), name
-        elif isinstance(module, nn.LayerNorm):
-            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
-            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
-
-
-def test_learns_to_segment_shapes(one_thread):
-    pixel_values, masks = shapes_dataset(num_images=8)
-    model = ModSquadForSemanticSegmentation(tiny_config([dict(SEG_TASK, decoder_channels=32)]))
+@pytest.mark.slow
+def test_learns_to_segment_shapes(one_thread, seg_task, tiny_config, bright_shapes):
+    pixel_values, masks = shapes_dataset(bright_shapes, num_images=8)
+    model = ModSquadForSemanticSegmentation(tiny_config([dict(seg_task, decoder_channels=32)]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(80):

@@ -298,14 +298,6 @@ def test_multi_task_checkpoints_load_with_the_pretraining_auto_class(tiny_config
     assert type(model) is ModSquadForMultiTask and set(model.heads) == {"cls", "seg", "det", "depth"}
 
 
-def test_pipelines_load_without_asking_to_run_code(tiny_config, four_tasks, tmp_path):
-    """A model folder carries remote code for users without the package; with it, nothing asks (see `_no_prompt`)."""
-    ModSquadForSemanticSegmentation(tiny_config(four_tasks)).save_pretrained(tmp_path)
-    ModSquadImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    segmenter = pipeline("image-segmentation", model=str(tmp_path))
-    assert {segment["label"] for segment in segmenter(Image.new("RGB", (40, 40)))} <= {"background", "shape"}
-
-
 def test_the_config_validates_head_task(tiny_config):
     with pytest.raises(
         ValueError, match=r"head_task='nope' is not a task of this config; its tasks are \['cls'\]"

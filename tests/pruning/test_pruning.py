@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, pipeline
 
-from conftest import tiny_config
 from modsquad import (
     ExpertUsage,
     ExpertUsageTracker,
@@ -24,28 +23,20 @@ from modsquad import (
 )
 from modsquad.pruning.prune import select_experts
 from modsquad.pruning.usage import router_layout
-from pruning_helpers import (
-    CLS_TASK,
-    DEPTH_TASK,
-    DET_TASK,
-    NUM_EXPERTS,
-    SEG_TASK,
-    SMALL_TASKS,
-    pixel_loader,
-    specialised_model,
-)
 
 EXACT = 1e-5
 
 
 @pytest.fixture(scope="module")
-def moa_model():
+def moa_model(fresh_tasks, specialised_model):
     """Four tasks, MoE MLPs and attention experts."""
-    return specialised_model(SMALL_TASKS, moe_attention=True)
+    return specialised_model(list(fresh_tasks(small=True).values()), moe_attention=True)
 
 
 # --------------------------------------------------------------------------------------------------- usage
-def test_usage_counts_every_token_slot_per_router_in_output_order(moa_model):
+def test_usage_counts_every_token_slot_per_router_in_output_order(
+    moa_model, specialised_experts, pixel_loader
+):
     other_task = {"pixel_values": torch.randn(2, 3, 32, 32), "task": "seg"}  # skipped
     loader = [*pixel_loader(1), other_task]
     usage = collect_expert_usage(moa_model, loader, "cls")
@@ -68,7 +59,9 @@ def test_usage_counts_every_token_slot_per_router_in_output_order(moa_model):
             output_router_logits=True,
         )
     for router, indices in zip(usage.routers, out.expert_indices):
-        assert torch.equal(router.counts, torch.bincount(indices.flatten(), minlength=NUM_EXPERTS).double())
+        assert torch.equal(
+            router.counts, torch.bincount(indices.flatten(), minlength=specialised_experts).double()
+        )
     # a specialised task leaves experts unused, which is what pruning removes
     assert any((r.counts == 0).any() for r in usage.routers)
     assert ExpertUsage.from_dict(usage.to_dict()).to_dict() == usage.to_dict()
@@ -91,7 +84,9 @@ def test_usage_accepts_tensors_tuples_and_rejects_other_items(moa_model):
         collect_expert_usage(moa_model, [images], "nope")
 
 
-def test_tracker_ema_and_checkpoint_round_trip(moa_model, tmp_path):
+def test_tracker_ema_and_checkpoint_round_trip(
+    moa_model, tmp_path, small_tasks, specialised_experts, tiny_config
+):
     tracker = ExpertUsageTracker(moa_model.config, decay=0.5)
     batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     with torch.no_grad():
@@ -103,7 +98,7 @@ def test_tracker_ema_and_checkpoint_round_trip(moa_model, tmp_path):
     assert ema.source == "ema"
     for position, router in enumerate(ema.routers):
         first, second = (
-            torch.bincount(o.expert_indices[position].flatten(), minlength=NUM_EXPERTS).double()
+            torch.bincount(o.expert_indices[position].flatten(), minlength=specialised_experts).double()
             for o in outputs
         )
         expected = 0.5 * first / first.sum() + 0.5 * second / second.sum()
@@ -118,7 +113,7 @@ def test_tracker_ema_and_checkpoint_round_trip(moa_model, tmp_path):
     for a, b in zip(restored.usage("seg").routers, ema.routers):
         assert torch.equal(a.counts, b.counts)
     with pytest.raises(ValueError, match="follows routers"):
-        ExpertUsageTracker(tiny_config([CLS_TASK])).load_state_dict(tracker.state_dict())
+        ExpertUsageTracker(tiny_config([small_tasks["cls"]])).load_state_dict(tracker.state_dict())
     with pytest.raises(ValueError, match="no batch of task 'det'"):
         tracker.usage("det")
     with pytest.raises(ValueError, match="decay"):
@@ -168,8 +163,10 @@ def _kept(config) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("moe_attention", [False, True], ids=["mlp-experts", "attention-experts"])
-def test_pruned_classifier_is_exact_on_calibration_data_and_loads_standalone(moe_attention, tmp_path):
-    full = specialised_model([CLS_TASK, SEG_TASK], moe_attention=moe_attention)
+def test_pruned_classifier_is_exact_on_calibration_data_and_loads_standalone(
+    moe_attention, tmp_path, small_tasks, pixel_loader, specialised_model
+):
+    full = specialised_model([small_tasks["cls"], small_tasks["seg"]], moe_attention=moe_attention)
     calibration = pixel_loader(2)
     usage = collect_expert_usage(full, calibration, "cls")
     pruned = prune_for_task(full, "cls", usage)
@@ -195,13 +192,14 @@ def test_pruned_classifier_is_exact_on_calibration_data_and_loads_standalone(moe
         assert {p["label"] for p in predictions} == {"circle", "square", "triangle"}
 
 
-@pytest.mark.parametrize("task", [SEG_TASK, DET_TASK, DEPTH_TASK], ids=lambda t: t["name"])
-def test_pruned_dense_heads_are_exact_and_wrong_pruning_is_detected(moa_model, task):
-    name = task["name"]
+@pytest.mark.parametrize("name", ["seg", "det", "depth"])
+def test_pruned_dense_heads_are_exact_and_wrong_pruning_is_detected(
+    moa_model, name, small_tasks, pixel_loader
+):
     calibration = pixel_loader(3, batches=1, batch_size=3)
     usage = collect_expert_usage(moa_model, calibration, name)
     pruned = prune_for_task(moa_model, name, usage)
-    assert pruned.task == name and type(pruned).task_type == task["type"]
+    assert pruned.task == name and type(pruned).task_type == small_tasks[name]["type"]
     _check_pruned_config(pruned, moa_model, name)
     check = compare_pruned_outputs(moa_model, pruned, calibration)
     assert check["max_abs_diff"] <= EXACT and check["routing_agreement"] == 1.0
@@ -214,7 +212,7 @@ def test_pruned_dense_heads_are_exact_and_wrong_pruning_is_detected(moa_model, t
     assert check["routing_agreement"] < 1.0 and check["max_abs_diff"] > 10 * EXACT
 
 
-def test_high_threshold_keeps_top_k_most_used_experts(moa_model):
+def test_high_threshold_keeps_top_k_most_used_experts(moa_model, pixel_loader):
     usage = collect_expert_usage(moa_model, pixel_loader(4), "cls")
     pruned = prune_for_task(moa_model, "cls", usage, threshold=0.99)
     assert pruned.config.num_experts == [2, 2] and pruned.config.attention_num_experts == [2, 2]
@@ -225,9 +223,11 @@ def test_high_threshold_keeps_top_k_most_used_experts(moa_model):
     assert wider.config.num_experts == [3, 3]
 
 
-def test_routable_expert_limits_of_continual_learning_are_respected():
+def test_routable_expert_limits_of_continual_learning_are_respected(
+    small_tasks, pixel_loader, specialised_model
+):
     """A task trained before experts were added routes to the leading ones only; its pruned model drops the limit."""
-    tasks = [{**CLS_TASK, "routable_experts": [5, 6]}, SEG_TASK]
+    tasks = [{**small_tasks["cls"], "routable_experts": [5, 6]}, small_tasks["seg"]]
     full = specialised_model(tasks)
     calibration = pixel_loader(5)
     usage = collect_expert_usage(full, calibration, "cls")
@@ -240,7 +240,7 @@ def test_routable_expert_limits_of_continual_learning_are_respected():
     assert compare_pruned_outputs(full, exact, calibration)["max_abs_diff"] <= EXACT
 
 
-def test_pruning_a_pruned_model_keeps_indices_of_the_original(moa_model, tmp_path):
+def test_pruning_a_pruned_model_keeps_indices_of_the_original(moa_model, tmp_path, pixel_loader):
     calibration = pixel_loader(6)
     first = prune_for_task(moa_model, "seg", collect_expert_usage(moa_model, calibration, "seg"))
     first.save_pretrained(tmp_path)
@@ -253,7 +253,9 @@ def test_pruning_a_pruned_model_keeps_indices_of_the_original(moa_model, tmp_pat
     assert second.config.pruned_from == first.config.pruned_from  # still the multi-task original
 
 
-def test_prune_for_task_rejects_mismatched_inputs(moa_model, caplog):
+def test_prune_for_task_rejects_mismatched_inputs(
+    moa_model, caplog, small_tasks, pixel_loader, specialised_model
+):
     usage = collect_expert_usage(moa_model, pixel_loader(7, batches=1), "cls")
     with pytest.raises(ValueError, match="usage is of task 'cls', not of 'seg'"):
         prune_for_task(moa_model, "seg", usage)
@@ -264,8 +266,8 @@ def test_prune_for_task_rejects_mismatched_inputs(moa_model, caplog):
     with pytest.raises(ValueError, match="one with heads"):
         prune_for_task(moa_model.modsquad, "cls", usage)
     with pytest.raises(ValueError, match="covers routers"):
-        prune_for_task(specialised_model([CLS_TASK]), "cls", usage)
-    no_renorm = specialised_model([CLS_TASK], norm_topk_prob=False)
+        prune_for_task(specialised_model([small_tasks["cls"]]), "cls", usage)
+    no_renorm = specialised_model([small_tasks["cls"]], norm_topk_prob=False)
     with caplog.at_level(logging.WARNING, logger="modsquad.pruning.prune"):
         prune_for_task(no_renorm, "cls", collect_expert_usage(no_renorm, pixel_loader(7), "cls"))
     assert "norm_topk_prob=False" in caplog.text
@@ -281,12 +283,12 @@ def test_prune_for_task_rejects_mismatched_inputs(moa_model, caplog):
         ({"pruned_from": {"name_or_path": "x"}}, "parent's 'tasks'"),
     ],
 )
-def test_config_validates_pruning_fields(fields, message):
+def test_config_validates_pruning_fields(fields, message, tiny_config):
     with pytest.raises(ValueError, match=message):
         tiny_config(num_experts=[2, 2], **fields)
 
 
-def test_usage_from_trainer_fractions_round_trips_through_json():
+def test_usage_from_trainer_fractions_round_trips_through_json(tiny_config):
     config = tiny_config()
     usage = ExpertUsage.from_fractions(config, "cls", [[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     restored = ExpertUsage.from_dict(json.loads(json.dumps(usage.to_dict())))

@@ -150,6 +150,7 @@ def test_a_tiny_budget_stops_after_the_first_step_and_still_finishes_the_run(tin
     assert "stopped at the 1e-09 min time budget after 1 of 30 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_budget_fits_the_schedule_and_ends_at_its_floor(tiny_config, tmp_path, monkeypatch, capsys):
     # 10 s per step on the injected clock, a 2 min budget: after the untimed first step and the timed ones the
     # loop has used 60 s and plans 6 more steps (12 of 30); the cosine is refitted to end at step 12.

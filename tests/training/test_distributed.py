@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from modsquad.commands.train import train_recipe
 from modsquad.training.recipe import load_recipe
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "training" / "train.py"

@@ -133,6 +133,7 @@ def colour_tasks() -> list[TaskData]:
     return tasks
 
 
+@pytest.mark.slow
 def test_group_rates_are_logged_and_resume_is_exact(tmp_path, tiny_config):
     """4 steps straight (checkpoint at step 2) vs. a new run resumed from that checkpoint: the same logged rates of
     every group, the same losses, the same weights."""

@@ -84,6 +84,7 @@ def fresh_state():
     GradientState._reset_state()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "rows"),
     [("simt", None), ("temperature", 16)],
@@ -131,6 +132,7 @@ def test_streaming_run_interrupted_and_resumed_equals_the_straight_run(
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_trains_on_streams(parquet_folders, tmp_path, strategy):
     # 8 steps of one task batch at most: more than one pass of a 12-row shard under every strategy.

@@ -106,6 +106,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_modsquad_train_upcycles_a_dense_checkpoint_with_its_processor_settings(tmp_path, case):
     make_folder, seg_size, upcycling, resolution, patch = CASES[case]

@@ -11,7 +11,6 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import tiny_config
 from modsquad import ModSquadConfig, ModSquadForMultiTask
 from modsquad.data.demo import demo_task_configs
 from modsquad.data.mixing import MultiTaskMixer, subset
@@ -105,7 +104,7 @@ def test_shipped_recipes_build_valid_model_configs(name):
 
 
 # ------------------------------------------------------------------------------------------- the step's MI loss
-def test_mi_loss_spans_the_tasks_of_a_step_and_reaches_the_routers():
+def test_mi_loss_spans_the_tasks_of_a_step_and_reaches_the_routers(tiny_config):
     model = ModSquadForMultiTask(tiny_config(TWO_TASKS, mi_loss_coef=1.0, z_loss_coef=0.0))
     with torch.no_grad():  # routers start at zero (uniform, MI = 0): give the tasks different routing
         for name, param in model.named_parameters():
@@ -139,7 +138,8 @@ def test_uncertainty_weighting_learns_log_variances():
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def test_short_run_reduces_the_loss(tmp_path):
+@pytest.mark.slow
+def test_short_run_reduces_the_loss(tmp_path, tiny_config):
     torch.manual_seed(0)
     model = ModSquadForMultiTask(tiny_config(TWO_TASKS))
     recipe = recipe_for(
@@ -162,8 +162,11 @@ def test_short_run_reduces_the_loss(tmp_path):
     assert sum(usage["colour"][0]) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mi_estimator", ["step", "streaming"])
-def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, mi_estimator):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(
+    tmp_path, monkeypatch, tiny_config, mi_estimator
+):
     """6 steps straight vs. SIGTERM during step 3 (checkpoint, exit) + `resume="latest"`: bit-identical per-step
     losses and final weights.
 

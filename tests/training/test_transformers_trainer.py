@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 from modsquad import ModSquadForImageClassification
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")]
 
 
 class BrightOrDark(torch.utils.data.Dataset):
