@@ -45,7 +45,7 @@ from ..training.task_data import build_model, build_task_data
 from ..training.trainer import train
 
 # The demo recipe (training/configs/demo.yaml is the same recipe, as a file; a test keeps them equal). Sized for
-# ~7 minutes on 2 CPU cores (under 10): 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE
+# ~6 minutes on 2 CPU cores (under 8): 64px images, 8px patches, a 6-block ViT whose odd blocks are MoE
 # (8 experts, top-2).
 # Pruning at the end calibrates on each task's first training images.
 DEMO_CALIBRATION_IMAGES = 128
