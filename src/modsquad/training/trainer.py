@@ -512,7 +512,10 @@ def parameter_digest(module: torch.nn.Module) -> str:
 # finished multi-process run hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in
 # `~AsyncAllgatherWork`). Kept alive, the group is never torn down: the command line ends such a process with
 # `os._exit` once everything is written (`modsquad.cli.exit_process`).
-_LIVE_WRAPPERS: list[torch.nn.Module] = []
+# The task mixer is kept for the same reason: its streams hold open readers of streamed datasets, and destroying one
+# mid-read at the end of a run let a C++ reader thread be destroyed while joinable (`terminate called without an
+# active exception`, SIGABRT in one process of a finished 2-process streaming run).
+_KEPT_ALIVE: list[object] = []
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -626,7 +629,7 @@ def train(
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     if accelerator.num_processes > 1:
-        _LIVE_WRAPPERS.append(step_module)
+        _KEPT_ALIVE.extend([step_module, mixer])
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
     # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
     # objects here to checkpoint them too.
