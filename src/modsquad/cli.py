@@ -110,7 +110,7 @@ def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
 def exit_process(status: int) -> int:
     """`status`, or, in a process of a multi-process run, the end of the process with it: its output flushed, then
     `os._exit`, without tearing the gloo/NCCL process group down (that can deadlock; see
-    `modsquad.training.trainer._KEPT_ALIVE`). Every file of the run is written by then."""
+    `modsquad.training.trainer._LIVE_WRAPPERS`). Every file of the run is written by then."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         sys.stdout.flush()

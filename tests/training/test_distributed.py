@@ -72,6 +72,25 @@ def launch_two_processes(recipe: Path, *overrides: str) -> subprocess.CompletedP
     return done
 
 
+def assert_one_process_matches(
+    recipe: Path, run: Path, log: list[dict], single_dir: Path, *overrides: str
+) -> None:
+    """Trains `recipe` (with `overrides`) on one process with the two processes' batches joined (batch 8 per task),
+    and checks that it ends with the 2-process run's weights and per-step losses."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    single = load_recipe(
+        recipe, [*overrides, "tasks.cls.batch_size=8", "tasks.cls2.batch_size=8", f"output_dir={single_dir}"]
+    )
+    result = train_recipe(single)
+    distributed = load_file(str(run / "final" / "model.safetensors"))
+    for name, param in result.model.state_dict().items():
+        assert torch.allclose(distributed[name], param, atol=2e-5), name
+    for ours, theirs in zip(result.history, log):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        assert ours["mi_loss"] == pytest.approx(theirs["mi_loss"], abs=1e-6)
+
+
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     # Two classification tasks (the demo's shapes, drawn in two orders): their losses are batch means, so two
     # processes with 4 images each must give the gradient of one process with the same 8 images.
@@ -87,19 +106,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     log = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [1, 2, 3]
     assert log[-1]["mi_loss"] < 0  # two tasks in every step: the MI loss is live
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    single = load_recipe(
-        recipe, ["tasks.cls.batch_size=8", "tasks.cls2.batch_size=8", f"output_dir={tmp_path / 'single'}"]
-    )
-    result = train_recipe(single)
-    distributed = load_file(str(run / "final" / "model.safetensors"))
-    for name, param in result.model.state_dict().items():
-        assert torch.allclose(distributed[name], param, atol=2e-5), name
-    for ours, theirs in zip(result.history, log):
-        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
-        assert ours["mi_loss"] == pytest.approx(theirs["mi_loss"], abs=1e-6)
+    assert_one_process_matches(recipe, run, log, tmp_path / "single")
 
 
 def test_sampled_strategy_leaves_heads_out_without_ddp_errors(tmp_path):
@@ -142,22 +149,4 @@ def test_one_task_graph_at_a_time_keeps_replicas_identical_and_matches_one_proce
     log = [json.loads(line) for line in (run / "training_log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [1, 2, 3]
     assert log[-1]["mi_loss"] < 0
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    single = load_recipe(
-        recipe,
-        [
-            *overrides,
-            "tasks.cls.batch_size=8",
-            "tasks.cls2.batch_size=8",
-            f"output_dir={tmp_path / 'single'}",
-        ],
-    )
-    result = train_recipe(single)
-    distributed = load_file(str(run / "final" / "model.safetensors"))
-    for name, param in result.model.state_dict().items():
-        assert torch.allclose(distributed[name], param, atol=2e-5), name
-    for ours, theirs in zip(result.history, log):
-        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
-        assert ours["mi_loss"] == pytest.approx(theirs["mi_loss"], abs=1e-6)
+    assert_one_process_matches(recipe, run, log, tmp_path / "single", *overrides)

@@ -512,10 +512,15 @@ def parameter_digest(module: torch.nn.Module) -> str:
 # finished multi-process run hung now and then (py-spy: `~ProcessGroupGloo` joining a worker stuck in
 # `~AsyncAllgatherWork`). Kept alive, the group is never torn down: the command line ends such a process with
 # `os._exit` once everything is written (`modsquad.cli.exit_process`).
-# The task mixer is kept for the same reason: its streams hold open readers of streamed datasets, and destroying one
-# mid-read at the end of a run let a C++ reader thread be destroyed while joinable (`terminate called without an
-# active exception`, SIGABRT in one process of a finished 2-process streaming run).
-_KEPT_ALIVE: list[object] = []
+_LIVE_WRAPPERS: list[torch.nn.Module] = []
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """`accelerator.end_training()` without its `destroy_process_group`: the trackers finish, and the process group
+    stays up until the process ends (see `_LIVE_WRAPPERS`). Tearing gloo down right after the last collectives aborted one
+    process of a finished 2-process run now and then (`terminate called without an active exception`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def gather_parameter_digests(accelerator: Accelerator, module: torch.nn.Module) -> list[str]:
@@ -629,7 +634,7 @@ def train(
     scheduler = warmup_cosine_schedule(optimizer, warmup, max_steps, optim.min_lr_ratio)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     if accelerator.num_processes > 1:
-        _KEPT_ALIVE.extend([step_module, mixer])
+        _LIVE_WRAPPERS.append(step_module)
     state = TrainerState(model.config.num_tasks, loop.usage_ema_decay)
     # The loop's own state goes to JSON / safetensors next to Accelerate's files (never to pickles); register more
     # objects here to checkpoint them too.
@@ -815,7 +820,7 @@ def train(
                 accelerator.print(
                     f"stopped by signal {stop.requested or 'on another process'}; checkpoint {last_checkpoint}"
                 )
-                accelerator.end_training()
+                end_training(accelerator)
                 return TrainResult(
                     output_dir, state.step, max_steps, stop.requested or -1, metrics, history,
                     checkpoint=last_checkpoint, model=accelerator.unwrap_model(step_module).model,
@@ -852,7 +857,7 @@ def train(
             (final_dir / LOSS_WEIGHTS_FILE).write_text(json.dumps(unwrapped.weighting.effective_weights()))
         (output_dir / REPLICA_DIGESTS_FILE).write_text(json.dumps(digests))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
     return TrainResult(
         output_dir,
         state.step,
