@@ -4,10 +4,6 @@ travels in the per-step all-reduce, and both processes stop at the same step wit
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,14 +22,8 @@ MODEL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_stop_together_at_the_budget(tmp_path):
+def test_two_processes_stop_together_at_the_budget(tmp_path, launch_two_processes):
     recipe = {
         "output_dir": str(tmp_path / "run"),
         "model": {"config": MODEL},
@@ -43,15 +33,7 @@ def test_two_processes_stop_together_at_the_budget(tmp_path):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "training" / "train.py"), "--config", str(path),
-        "--max-minutes", "1e-9",
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = launch_two_processes(path, "--max-minutes", "1e-9")
 
     assert "training was cut short at the time budget: 1 of 50 steps" in done.stdout
     run = tmp_path / "run"

@@ -5,10 +5,6 @@ on the same global batches (which holds only if the MI statistics are all-reduce
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,6 @@ from modsquad.training.recipe import load_recipe
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO / "training" / "train.py"
 DEMO = {"demo": True, "num_train": 16, "num_val": 4, "image_size": 32, "seed": 0}
 MODEL = {
     "hidden_size": 32,
@@ -52,26 +47,6 @@ def recipe_file(tmp_path: Path, tasks: list[dict], **sections) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two_processes(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
-    # --multi_gpu is Accelerate's torchrun launcher; without GPUs the processes join a gloo group on the CPU
-    # (`--cpu --num_processes 2` would start a single process).
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(TRAIN_SCRIPT), "--config", str(recipe), *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
 def assert_one_process_matches(
     recipe: Path, run: Path, log: list[dict], single_dir: Path, *overrides: str
 ) -> None:
@@ -91,7 +66,7 @@ def assert_one_process_matches(
         assert ours["mi_loss"] == pytest.approx(theirs["mi_loss"], abs=1e-6)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, launch_two_processes):
     # Two classification tasks (the demo's shapes, drawn in two orders): their losses are batch means, so two
     # processes with 4 images each must give the gradient of one process with the same 8 images.
     tasks = [
@@ -109,7 +84,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     assert_one_process_matches(recipe, run, log, tmp_path / "single")
 
 
-def test_sampled_strategy_leaves_heads_out_without_ddp_errors(tmp_path):
+def test_sampled_strategy_leaves_heads_out_without_ddp_errors(tmp_path, launch_two_processes):
     # One task per step: in every step one of the two heads gets no gradient on either process.
     tasks = [
         {"name": "cls", "dataset": DEMO, "batch_size": 2, "image_size": 32},
@@ -128,7 +103,9 @@ def test_sampled_strategy_leaves_heads_out_without_ddp_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_task_graph_at_a_time_keeps_replicas_identical_and_matches_one_process(tmp_path):
+def test_one_task_graph_at_a_time_keeps_replicas_identical_and_matches_one_process(
+    tmp_path, launch_two_processes
+):
     # Each task micro-batch runs its own forward and backward under DDP (no_sync on all but the last backward of an
     # optimizer step), with gradient accumulation and single-task steps; the streaming MI statistics are all-reduced.
     tasks = [

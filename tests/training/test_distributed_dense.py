@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_distributed import DEMO, launch_two_processes, recipe_file
+from test_distributed import DEMO, recipe_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def test_dense_tasks_only_train_on_two_processes(tmp_path):
+def test_dense_tasks_only_train_on_two_processes(tmp_path, launch_two_processes):
     tasks = [
         {"name": "seg", "dataset": DEMO, "batch_size": 2, "image_size": 32, "head": {"decoder_channels": 8}},
         {

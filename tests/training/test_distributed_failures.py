@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -25,14 +21,8 @@ def _png(rng: np.random.Generator) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_a_bad_row_in_one_shard_stops_both_processes(tmp_path):
+def test_a_bad_row_in_one_shard_stops_both_processes(tmp_path, launch_two_processes):
     rng = np.random.default_rng(0)
     # Every row is corrupt on purpose except a few: whichever rows each process draws, one of them fails first.
     images = [_png(rng) if i % 4 else {"bytes": b"broken", "path": None} for i in range(16)]
@@ -48,14 +38,7 @@ def test_a_bad_row_in_one_shard_stops_both_processes(tmp_path):
         "training": {"max_steps": 3, "tracker": "none", "cpu": True, "eval_at_end": False, "max_bad_rows": 0},
     }  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "training" / "train.py"),
-        "--config", str(tmp_path / "recipe.yaml"),
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = launch_two_processes(tmp_path / "recipe.yaml", expect_success=False, timeout=300)
     assert done.returncode != 0  # and it returned: no process was left waiting in a collective
     errors = [
         line.split("train.py: error: ", 1)[1]

@@ -4,10 +4,6 @@ images), so data-parallel training follows the gradient of the global batch's lo
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,14 +112,8 @@ def test_scales_are_ones_on_a_single_process():
 DEMO = {"demo": True, "num_train": 16, "num_val": 4, "image_size": 32, "seed": 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_equal_one_on_detection_segmentation_and_depth(tmp_path):
+def test_two_processes_equal_one_on_detection_segmentation_and_depth(tmp_path, launch_two_processes):
     model = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "num_experts": 4,
         "num_experts_per_tok": 2, "expert_intermediate_size": 32, "moe_layers": "all", "mi_loss_coef": 0.1,
@@ -148,14 +138,7 @@ def test_two_processes_equal_one_on_detection_segmentation_and_depth(tmp_path):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "training" / "train.py"), "--config", str(path),
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    launch_two_processes(path)
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -4,11 +4,7 @@ steps only, exact resume after an interruption, and two processes splitting the 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,23 +185,8 @@ def test_dataloader_workers_decode_streams_without_changing_the_batches(parquet_
 
 
 # ------------------------------------------------------------------------------------------------ two processes
-def launch_two(recipe_path: Path, *overrides: str) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # --multi_gpu is Accelerate's torchrun launcher; without GPUs the two processes join a gloo group on the CPU.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(REPO / "training" / "train.py"), "--config", str(recipe_path), *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-
 @pytest.mark.slow
-def test_two_processes_split_the_streams_and_resume_exactly(tmp_path):
+def test_two_processes_split_the_streams_and_resume_exactly(tmp_path, launch_two_processes):
     # Two shards per training split: one for each process (`split_dataset_by_node` assigns whole shards).
     folders = write_parquet_folders(tmp_path / "data", shards=2)
     recipe = stream_recipe(
@@ -216,13 +197,13 @@ def test_two_processes_split_the_streams_and_resume_exactly(tmp_path):
     )
     recipe_path = tmp_path / "recipe.yaml"
     recipe.to_yaml(recipe_path)
-    launch_two(recipe_path)
+    launch_two_processes(recipe_path)
     straight = tmp_path / "straight"
     digests = json.loads((straight / "replica_digests.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     # Each process has 12 rows (one shard) per pass: 3 batches, so step 4 starts the second pass.
-    launch_two(recipe_path, f"output_dir={tmp_path / 'split'}", "training.max_steps=3")
-    launch_two(recipe_path, f"output_dir={tmp_path / 'split'}", "--resume")
+    launch_two_processes(recipe_path, f"output_dir={tmp_path / 'split'}", "training.max_steps=3")
+    launch_two_processes(recipe_path, f"output_dir={tmp_path / 'split'}", "--resume")
     expected = load_file(str(straight / "final" / "model.safetensors"))
     got = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
     for name, tensor in expected.items():

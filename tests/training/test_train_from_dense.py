@@ -5,10 +5,6 @@ and every mistake about the starting point reported before any data is loaded.""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -270,27 +266,13 @@ def test_shipped_dense_recipe_builds_a_valid_model_config(tmp_path, mode):
     assert (baseline.moe_layer_indices, baseline.intermediate_size) == ([], 64)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_accelerate_launch_trains_from_a_dense_checkpoint_on_two_processes(tmp_path):
+def test_accelerate_launch_trains_from_a_dense_checkpoint_on_two_processes(tmp_path, launch_two_processes):
     """`accelerate launch training/train.py` takes the same recipe: two CPU processes upcycle the same weights (the
     routers' random init included) and stay bit-identical."""
     dense_dir = dinov2_folder(tmp_path / "dense")
     recipe = recipe_file(tmp_path, str(dense_dir), 42, upcycling={"mode": "partition"})
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(REPO / "training" / "train.py"), "--config", str(recipe),
-        "training.cpu=true",
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    launch_two_processes(recipe, "training.cpu=true")
     run = tmp_path / "run"
     digests = json.loads((run / "replica_digests.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
