@@ -11,14 +11,10 @@ from transformers import (
     Dinov2Model,
     ViTConfig,
     ViTForImageClassification,
-    ViTModel,
 )
 
 from modsquad import ModSquadForImageClassification, ModSquadForMultiTask, ModSquadModel
 
-DENSE_SHAPE = dict(
-    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"
-)
 TOLERANCE = dict(atol=2e-5, rtol=1e-5)
 
 
@@ -26,22 +22,6 @@ TOLERANCE = dict(atol=2e-5, rtol=1e-5)
 def moe_options_fixture(all_tasks) -> dict:
     """The MoE settings of the upcycled models: 4 experts, top-2, one classification task."""
     return dict(num_experts=4, num_experts_per_tok=2, tasks=[all_tasks[0]])
-
-
-def randomised(model):
-    """A dense model with weights far from their init (unit layer scales or zero biases would hide mapping bugs)."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
-
-
-def vit() -> ViTModel:
-    return randomised(ViTModel(ViTConfig(intermediate_size=128, **DENSE_SHAPE)))
-
-
-def dinov2() -> Dinov2Model:
-    return randomised(Dinov2Model(Dinov2Config(mlp_ratio=2, **DENSE_SHAPE)))
 
 
 def dense_hidden_states(dense, sequence: torch.Tensor) -> list[torch.Tensor]:
@@ -59,7 +39,6 @@ def upcycled_hidden_states(model, pixel_values: torch.Tensor) -> list[torch.Tens
 
 
 @pytest.mark.parametrize("moe_layers", ["all", "every_other"])
-@pytest.mark.parametrize("make_dense", [vit, dinov2], ids=["vit", "dinov2"])
 def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_layers, moe_options):
     dense = make_dense()
     dense.save_pretrained(tmp_path)
@@ -80,8 +59,8 @@ def test_upcycled_model_reproduces_the_dense_blocks(tmp_path, make_dense, moe_la
     assert all(indices.unique().numel() == 4 for indices in routed)
 
 
-def test_upcycled_deit_equals_the_dense_deit_end_to_end(moe_options):
-    dense = randomised(DeiTModel(DeiTConfig(intermediate_size=128, **DENSE_SHAPE)))
+def test_upcycled_deit_equals_the_dense_deit_end_to_end(moe_options, randomised, dense_shape):
+    dense = randomised(DeiTModel(DeiTConfig(intermediate_size=128, **dense_shape)))
     model = ModSquadModel.from_dense(dense, moe_layers="all", **moe_options)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -92,7 +71,7 @@ def test_upcycled_deit_equals_the_dense_deit_end_to_end(moe_options):
     torch.testing.assert_close(output.last_hidden_state, expected.last_hidden_state, **TOLERANCE)
 
 
-def test_upcycled_attention_experts_copy_the_dense_attention(moe_options):
+def test_upcycled_attention_experts_copy_the_dense_attention(moe_options, dinov2):
     dense = dinov2()
     model = ModSquadModel.from_dense(dense, moe_layers=[1, 3], moe_attention=True, **moe_options)
     assert model.config.attention_expert_heads == 4
@@ -104,9 +83,11 @@ def test_upcycled_attention_experts_copy_the_dense_attention(moe_options):
         torch.testing.assert_close(a, b, **TOLERANCE)
 
 
-def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path, all_tasks):
+def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(
+    tmp_path, all_tasks, randomised, dense_shape
+):
     dense = randomised(
-        ViTForImageClassification(ViTConfig(intermediate_size=128, num_labels=7, **DENSE_SHAPE))
+        ViTForImageClassification(ViTConfig(intermediate_size=128, num_labels=7, **dense_shape))
     )
     tasks = [all_tasks[0], all_tasks[3]]
     model = ModSquadForImageClassification.from_dense(
@@ -132,12 +113,12 @@ def test_head_models_upcycle_from_a_dense_head_model_and_round_trip(tmp_path, al
     assert isinstance(ModSquadForMultiTask.from_pretrained(tmp_path), ModSquadForMultiTask)
 
 
-def test_from_dense_rejects_what_it_cannot_copy(moe_options):
+def test_from_dense_rejects_what_it_cannot_copy(moe_options, vit, dense_shape):
     with pytest.raises(ValueError, match="takes \\['hidden_size'\\] from the dense checkpoint"):
         ModSquadModel.from_dense(vit(), hidden_size=32, **moe_options)
     with pytest.raises(ValueError, match="attention_expert_heads=2"):
         ModSquadModel.from_dense(vit(), moe_attention=True, attention_expert_heads=2, **moe_options)
-    swiglu = Dinov2Model(Dinov2Config(use_swiglu_ffn=True, **DENSE_SHAPE))
+    swiglu = Dinov2Model(Dinov2Config(use_swiglu_ffn=True, **dense_shape))
     with pytest.raises(ValueError, match="SwiGLU"):
         ModSquadModel.from_dense(swiglu, **moe_options)
     with pytest.raises(ValueError, match="accepted dense model types"):

@@ -5,30 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 from modsquad import ModSquadModel
 
-DENSE_SHAPE = dict(
-    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu"
-)
 TOLERANCE = dict(atol=2e-5, rtol=1e-5)
-
-
-def randomised(model):
-    """Weights far from their init: unit layer scales or zero biases would hide slicing and scaling bugs."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
-
-
-def vit() -> ViTModel:
-    return randomised(ViTModel(ViTConfig(intermediate_size=128, **DENSE_SHAPE)))
-
-
-def dinov2() -> Dinov2Model:
-    return randomised(Dinov2Model(Dinov2Config(mlp_ratio=2, **DENSE_SHAPE)))
 
 
 def dense_blocks(dense):
@@ -52,7 +32,6 @@ def one_task(all_tasks):
     return all_tasks[:1]
 
 
-@pytest.mark.parametrize("make_dense", [vit, dinov2], ids=["vit", "dinov2"])
 def test_partition_experts_are_slices_of_the_dense_mlp_at_its_compute(make_dense, one_task):
     dense = make_dense()
     model = partitioned(dense, one_task)
@@ -84,7 +63,6 @@ def test_partition_experts_are_slices_of_the_dense_mlp_at_its_compute(make_dense
             torch.testing.assert_close(total.detach(), dense_mlp(dense, 2, x), **TOLERANCE)
 
 
-@pytest.mark.parametrize("make_dense", [vit, dinov2], ids=["vit", "dinov2"])
 def test_partition_upcycled_model_reproduces_the_dense_blocks(make_dense, all_tasks):
     dense = make_dense()
     model = partitioned(dense, all_tasks[:2], moe_layers="every_other")
@@ -108,7 +86,7 @@ def test_partition_upcycled_model_reproduces_the_dense_blocks(make_dense, all_ta
         assert groups.unique().numel() == model.config.num_experts // k
 
 
-def test_partition_with_independent_routers_only_approximates_the_dense_mlp(one_task):
+def test_partition_with_independent_routers_only_approximates_the_dense_mlp(one_task, dinov2):
     """Router rows drawn independently (as copy mode draws them) mix slices from different groups: some slices are
     missing, others counted twice. The block then computes an unbiased but noisy estimate of the dense MLP; on this
     tiny model (top-4 of 8) its relative error is about 0.65, against ~1e-7 with the grouped routers."""
@@ -129,7 +107,7 @@ def test_partition_with_independent_routers_only_approximates_the_dense_mlp(one_
     assert missing.any(dim=-1).float().mean() > 0.5
 
 
-def test_partition_mode_errors(one_task):
+def test_partition_mode_errors(one_task, vit):
     dense = vit()
     with pytest.raises(ValueError, match="num_experts_per_tok=3 equal slices; accepted num_experts_per_tok"):
         partitioned(dense, one_task, num_experts=6, num_experts_per_tok=3)
