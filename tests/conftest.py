@@ -124,6 +124,25 @@ def bright_shapes_fixture():
     return bright_shapes
 
 
+@pytest.fixture(name="count_checkpoints")
+def count_checkpoints_fixture(monkeypatch):
+    """The factory `count_checkpoints(module)`: wraps the `checkpoint` (torch's activation checkpointing) that `module`
+    imported so that its calls are counted, and returns the list that grows by one per call."""
+
+    def count_checkpoints(module) -> list:
+        calls = []
+        real_checkpoint = module.checkpoint
+
+        def counted(function, *args, **kwargs):
+            calls.append(function)
+            return real_checkpoint(function, *args, **kwargs)
+
+        monkeypatch.setattr(module, "checkpoint", counted)
+        return calls
+
+    return count_checkpoints
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

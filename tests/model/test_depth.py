@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import DepthEstimatorOutput
 
+import modsquad.model.feature_pyramid
+import modsquad.model.head_depth
 from modsquad import (
     ModSquadDepthEstimatorOutput,
     ModSquadForDepthEstimation,
@@ -176,3 +178,31 @@ def test_learns_synthetic_depth(one_thread, depth_task, tiny_config, bright_shap
     valid = labels > 0
     abs_rel = ((predicted - labels).abs() / labels)[valid].mean()
     assert abs_rel < 0.1, abs_rel
+
+
+def test_large_training_inputs_checkpoint_the_full_resolution_layers_without_changing_values_or_gradients(
+    depth_model, monkeypatch, count_checkpoints
+):
+    """While training on inputs whose full-resolution activations exceed `CHECKPOINT_ACTIVATION_BYTES`, those layers
+    run one image at a time under activation checkpointing; the depth and every gradient equal those computed
+    without. Smaller inputs (the threshold as shipped, for these 32 px images) keep the whole-batch path."""
+    torch.manual_seed(0)
+    model = depth_model().train()
+    pixel_values = torch.randn(3, 3, 32, 32)
+    labels = 0.5 + 4 * torch.rand(3, 32, 32)
+    calls = count_checkpoints(modsquad.model.head_depth)
+
+    def depth_and_grads():
+        model.zero_grad()
+        outputs = model(pixel_values=pixel_values, labels=labels)
+        outputs.loss.backward()
+        return outputs.predicted_depth.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference_depth, reference_grads = depth_and_grads()
+    assert calls == []
+    monkeypatch.setattr(modsquad.model.feature_pyramid, "CHECKPOINT_ACTIVATION_BYTES", 0)
+    depth, grads = depth_and_grads()
+    assert len(calls) == 3  # one call per image
+    torch.testing.assert_close(depth, reference_depth)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)

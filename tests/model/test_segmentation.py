@@ -10,11 +10,14 @@ from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+import modsquad.model.feature_pyramid
+import modsquad.model.head_segmentation
 from modsquad import (
     ModSquadForSemanticSegmentation,
     ModSquadImageProcessor,
     ModSquadSemanticSegmenterOutput,
 )
+from modsquad.model.head_segmentation import segmentation_loss
 
 
 @pytest.fixture(name="seg_task")
@@ -156,3 +159,28 @@ def test_learns_to_segment_shapes(one_thread, seg_task, tiny_config, bright_shap
     predicted = torch.stack(predicted)
     ious = [((predicted == c) & (masks == c)).sum() / ((predicted == c) | (masks == c)).sum() for c in (0, 1)]
     assert sum(ious) / 2 > 0.9, ious
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["whole batch", "one image at a time"])
+def test_training_loss_matches_plain_cross_entropy_with_and_without_checkpointing(
+    checkpointed, monkeypatch, count_checkpoints
+):
+    """With label maps past `CHECKPOINT_ACTIVATION_BYTES` (0 here), the label-resolution logits exist for one image
+    at a time (activation checkpointing); either way the loss and its gradient equal the plain
+    upsample-then-cross-entropy, ignored pixels and an image without labelled pixels included."""
+    calls = count_checkpoints(modsquad.model.head_segmentation)
+    if checkpointed:
+        monkeypatch.setattr(modsquad.model.feature_pyramid, "CHECKPOINT_ACTIVATION_BYTES", 0)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 5, (4, 32, 32))
+    labels[0, :10] = 255
+    labels[2] = 255
+    loss = segmentation_loss(logits, labels, ignore_index=255)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert len(calls) == (4 if checkpointed else 0)
+    upsampled = nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    reference = nn.functional.cross_entropy(upsampled, labels, ignore_index=255)
+    (reference_grad,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, reference_grad)

@@ -133,3 +133,20 @@ def test_task_resolutions_must_be_whole_patches():
         match=r"tasks.depth.image_size=30 is not a multiple of the patch size 8; accepted: multiples of 8",
     ):
         build_model(recipe(tasks=[task], model={"config": model}), [data])
+
+
+def test_a_task_option_written_inside_dataset_is_named_with_where_it_belongs(tmp_path):
+    import datasets
+
+    from modsquad.training.task_data import load_task_splits
+
+    data_file = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict({"image": ["a"], "label": [0]}).to_parquet(str(data_file))
+    task = recipe(tasks=[dict(TASK, dataset={"path": str(data_file), "max_train_samples": 16})]).tasks[0]
+    with pytest.raises(
+        ValueError,
+        match=r"tasks.cls.dataset: datasets.load_dataset refused a key .*max_train_samples.*; "
+        r"\['max_train_samples'\] is an option of the task, written beside `dataset` "
+        r"\(tasks.cls.max_train_samples=...\)",
+    ):
+        load_task_splits(task)

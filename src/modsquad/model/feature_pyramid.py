@@ -22,6 +22,10 @@ from .modeling_modsquad import NUM_PREFIX_TOKENS, ModSquadModelOutput
 
 # Resampling factors relative to the patch grid, finest first (ViTDet: 4x, 2x, 1x, 1/2x).
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
+# Input-sized activations of a dense head (upsampled logits, full-resolution layers) larger than this for the
+# batch are recomputed in the backward one image at a time instead of kept: at 224 px they outgrow the backbone's
+# (about 1 GB for 8 ADE20K images' logits), while at the demo's 64 px, keeping them is cheaper than recomputing.
+CHECKPOINT_ACTIVATION_BYTES = 64 * 2**20
 
 
 def pyramid_scales(patch_size: int) -> tuple[float, ...]:
@@ -205,17 +209,31 @@ class ModSquadFeaturePyramid(nn.Module):
         return levels
 
 
+def checkpoint_per_image(features: torch.Tensor, activation_bytes: int) -> bool:
+    """Whether a dense head should run its input-sized layers one image at a time under activation checkpointing:
+    while training (`features` needs a gradient), for a batch of several images, when those layers' activations
+    (`activation_bytes` for the whole batch) exceed `CHECKPOINT_ACTIVATION_BYTES`."""
+    return (
+        torch.is_grad_enabled()
+        and features.requires_grad
+        and features.shape[0] > 1
+        and activation_bytes > CHECKPOINT_ACTIVATION_BYTES
+    )
+
+
 def dense_head_channels(task: dict) -> int:
     """Width of a dense head's pyramid and decoder: the task entry's `decoder_channels` (default 256)."""
     return task_option(task, "decoder_channels")
 
 
 __all__ = [
+    "CHECKPOINT_ACTIVATION_BYTES",
     "PYRAMID_SCALES",
     "ModSquadChannelLayerNorm",
     "ModSquadFeaturePyramid",
     "ModSquadUpsample2x",
     "block_tokens",
+    "checkpoint_per_image",
     "dense_head_channels",
     "feature_hidden_state_indices",
     "feature_norm",

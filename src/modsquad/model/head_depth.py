@@ -7,10 +7,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_modsquad import task_option
-from .feature_pyramid import ModSquadFeaturePyramid, dense_head_channels, feature_hidden_state_indices
+from .feature_pyramid import (
+    ModSquadFeaturePyramid,
+    checkpoint_per_image,
+    dense_head_channels,
+    feature_hidden_state_indices,
+)
 from .modeling_heads import ModSquadForTask, TaskHead, register_task_head, routing_fields
 
 # Hidden width of the last full-resolution convolution (DPT's value).
@@ -111,9 +117,25 @@ class ModSquadDepthEstimationHead(TaskHead):
         fused = None
         for block, level in zip(reversed(self.fusion), reversed(levels)):
             fused = block(level, fused)
-        features = nn.functional.interpolate(
-            self.head_in(fused), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False
+        features = self.head_in(fused)
+        size = tuple(pixel_values.shape[-2:])
+        # The upsampled features and the hidden layer (before and after its ReLU), input-sized, for the batch.
+        channels = features.shape[1] + 2 * DEPTH_HEAD_HIDDEN
+        activation_bytes = features.shape[0] * channels * size[0] * size[1] * features.element_size()
+        if not checkpoint_per_image(features, activation_bytes):
+            return self._full_resolution_depth(features, size)
+        # Large inputs, training: those layers run one image at a time under activation checkpointing; kept for the
+        # batch, they cost more than the backbone's blocks at 224 px.
+        return torch.cat(
+            [
+                checkpoint(self._full_resolution_depth, features[i : i + 1], size, use_reentrant=False)
+                for i in range(features.shape[0])
+            ]
         )
+
+    def _full_resolution_depth(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Upsamples the fused features to the input size and predicts `(batch, height, width)` depth."""
+        features = nn.functional.interpolate(features, size=size, mode="bilinear", align_corners=False)
         return self.max_depth * torch.sigmoid(self.head_out(features).squeeze(1))
 
     def loss(self, predicted_depth: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

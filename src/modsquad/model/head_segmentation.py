@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .feature_pyramid import (
     ModSquadChannelLayerNorm,
     ModSquadFeaturePyramid,
+    checkpoint_per_image,
     dense_head_channels,
     feature_hidden_state_indices,
 )
@@ -151,11 +153,43 @@ def check_segmentation_labels(
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Cross-entropy of `logits` `(batch, num_labels, h, w)` upsampled (bilinear) to the size of `labels`
     `(batch, H, W)`, ignoring `ignore_index` pixels. A batch with only ignored pixels gives a zero loss (with a
-    gradient path), not NaN."""
+    gradient path), not NaN.
+
+    While training with large label maps (see [`checkpoint_per_image`]), the upsampling and the cross-entropy run one
+    image at a time under activation checkpointing: the label-resolution logits, their log-softmax and the gradients
+    of both (each `num_labels x H x W` per image; four such tensors for the whole batch at once otherwise, about 1 GB
+    for 8 ADE20K images at 224 px) exist for one image at a time, and the backward recomputes them from the small
+    `(h, w)` logits. The value is the same mean over labelled pixels; only the order of the float sums differs.
+    """
+    labelled = labels != ignore_index
+    if not bool(labelled.any()):
+        return resize_to(logits, labels.shape[-2:]).sum() * 0.0
+    labels = labels.long()
+    # The upsampled logits and their log-softmax, for the batch.
+    activation_bytes = 2 * labels.numel() * logits.shape[1] * logits.element_size()
+    if not checkpoint_per_image(logits, activation_bytes):
+        return nn.functional.cross_entropy(
+            resize_to(logits, labels.shape[-2:]), labels, ignore_index=ignore_index
+        )
+    summed = sum(
+        checkpoint(
+            _upsampled_cross_entropy_sum,
+            logits[i : i + 1],
+            labels[i : i + 1],
+            ignore_index,
+            use_reentrant=False,
+        )
+        for i in range(logits.shape[0])
+    )
+    return summed / labelled.sum()
+
+
+def _upsampled_cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Summed cross-entropy of `logits` upsampled to the size of `labels` (see [`segmentation_loss`])."""
     upsampled = resize_to(logits, labels.shape[-2:])
-    if not bool((labels != ignore_index).any()):
-        return upsampled.sum() * 0.0
-    return nn.functional.cross_entropy(upsampled, labels.long(), ignore_index=ignore_index)
+    return nn.functional.cross_entropy(upsampled, labels, ignore_index=ignore_index, reduction="sum")
 
 
 class ModSquadForSemanticSegmentation(ModSquadForTask):

@@ -5,7 +5,7 @@ over all task entries. Built above the loop, as in Accelerate's examples: `train
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import datasets
@@ -114,7 +114,24 @@ def load_task_splits(task: TaskRecipe, demo_cache: dict | None = None) -> tuple[
             raise ValueError(
                 f"tasks.{task.name}.dataset is empty: give `path` (a folder, data file or Hub id) or `demo: true`"
             )
-        splits = load_task_dataset(**spec)
+        try:
+            splits = load_task_dataset(**spec)
+        except TypeError as error:
+            # `datasets` refuses a keyword its builder does not take with a bare TypeError that names neither the
+            # recipe key nor where a task option belongs.
+            if "unexpected keyword argument" not in str(error):
+                raise
+            task_options = sorted(set(spec) & {f.name for f in fields(TaskRecipe)})
+            hint = (
+                f"; {task_options} {'is an option' if len(task_options) == 1 else 'are options'} of the task, "
+                f"written beside `dataset` (tasks.{task.name}.{task_options[0]}=...)"
+                if task_options
+                else ""
+            )
+            raise ValueError(
+                f"tasks.{task.name}.dataset: datasets.load_dataset refused a key ({error}); the keys of `dataset` "
+                f"({sorted(spec)}) are passed to it{hint}"
+            ) from error
     if task.train_split not in splits:
         raise ValueError(f"tasks.{task.name}: no split {task.train_split!r}; the dataset has {list(splits)}")
     train = splits[task.train_split]
